@@ -1,0 +1,512 @@
+//! WebhookAdmin: webhook CRUD, secrets, tests and the delivery log.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+use super::auth::authorize_account;
+use super::convert::{self, page_size, page_token, parse_page_token};
+use super::AppState;
+use crate::domain::ids::{self, DELIVERY_PREFIX, WEBHOOK_PREFIX};
+use crate::domain::now_ms;
+use crate::domain::webhook::{self, Auth, Rules, SecretRecord, Webhook};
+use crate::error::{Error, Result};
+use crate::proto::v1 as pb;
+use crate::proto::v1::webhook_admin_server::WebhookAdmin;
+
+/// Longest rotation grace period.
+const MAX_GRACE_SECONDS: u32 = 7 * 24 * 3600;
+
+/// The WebhookAdmin service.
+#[derive(Clone)]
+pub struct AdminService {
+    state: AppState,
+}
+
+impl AdminService {
+    /// A service over the shared state.
+    pub fn new(state: AppState) -> Self {
+        AdminService { state }
+    }
+
+    fn rules(&self) -> Rules<'_> {
+        Rules {
+            catalog: &self.state.catalog,
+            allow_private_targets: self.state.config.delivery.allow_private_targets,
+        }
+    }
+
+    fn load(&self, account_id: u64, webhook_id: &str) -> Result<Webhook> {
+        check_webhook_id(webhook_id, "webhook_id")?;
+        self.state
+            .store
+            .get_webhook(account_id, webhook_id)?
+            .ok_or_else(|| Error::NotFound(format!("webhook {webhook_id}")))
+    }
+
+    async fn set_active(&self, account_id: u64, webhook_id: &str, active: bool) -> Result<pb::Webhook> {
+        check_webhook_id(webhook_id, "webhook_id")?;
+        let w = self
+            .state
+            .store
+            .update_webhook(account_id, webhook_id, |w, _| {
+                w.active = active;
+                w.disabled_reason.clear();
+                w.update_time_ms = now_ms();
+                Ok(None)
+            })
+            .await?;
+        self.state.dispatcher.refresh(account_id, webhook_id);
+        Ok(convert::webhook_to_proto(&w))
+    }
+}
+
+fn check_webhook_id(id: &str, field: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if !ids::is_valid(WEBHOOK_PREFIX, id) {
+        return Err(Error::invalid(field, "is not a webhook id (wh_…)"));
+    }
+    Ok(())
+}
+
+/// Applies an update mask (or, when empty, every set field) from `src` onto `dst`.
+fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<()> {
+    let all_set: Vec<String>;
+    let paths = if paths.is_empty() {
+        let mut p = Vec::new();
+        if !src.name.is_empty() {
+            p.push("name".to_string());
+        }
+        if !src.description.is_empty() {
+            p.push("description".to_string());
+        }
+        if !src.target_url.is_empty() {
+            p.push("target_url".to_string());
+        }
+        if src.auth.is_some() {
+            p.push("auth".to_string());
+        }
+        if !src.event_types.is_empty() {
+            p.push("event_types".to_string());
+        }
+        if p.is_empty() {
+            return Err(Error::invalid("webhook", "sets no field to update"));
+        }
+        all_set = p;
+        &all_set[..]
+    } else {
+        paths
+    };
+    for (i, path) in paths.iter().enumerate() {
+        match path.strip_prefix("webhook.").unwrap_or(path) {
+            "name" => dst.name = src.name.clone(),
+            "description" => dst.description = src.description.clone(),
+            "target_url" => dst.target_url = src.target_url.trim().to_string(),
+            "event_types" => dst.event_types = src.event_types.iter().map(|t| t.trim().to_string()).collect(),
+            "auth" => {
+                let mut new_auth = convert::auth_from_proto(src.auth.as_ref());
+                // An empty password keeps the stored one for the same user.
+                if let (
+                    Auth::Basic { username, password },
+                    Auth::Basic {
+                        username: old_user,
+                        password: old_pass,
+                    },
+                ) = (&mut new_auth, &dst.auth)
+                {
+                    if password.is_empty() && username == old_user {
+                        *password = old_pass.clone();
+                    }
+                }
+                dst.auth = new_auth;
+            }
+            other => {
+                return Err(Error::invalid(
+                    format!("update_mask.paths[{i}]"),
+                    format!(
+                        "{:?} cannot be updated (use name, description, target_url, auth, event_types)",
+                        webhook::truncate(other, 64)
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchDeliveriesResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WebhookAdmin for AdminService {
+    async fn create_webhook(
+        &self,
+        req: Request<pb::CreateWebhookRequest>,
+    ) -> Result<Response<pb::CreateWebhookResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let src = r.webhook.as_ref().ok_or_else(|| Error::invalid("webhook", "is required"))?;
+        let now = now_ms();
+        let mut w = convert::webhook_from_proto(r.account_id, src, now);
+        webhook::validate(&mut w, self.rules(), "webhook")?;
+        w.id = ids::new_id(WEBHOOK_PREFIX);
+        let secret = (w.auth == Auth::Signature).then(|| SecretRecord::generate(now));
+        self.state
+            .store
+            .create_webhook(&w, secret.as_ref(), self.state.config.limits.max_webhooks_per_account)
+            .await?;
+        self.state.dispatcher.refresh(w.account_id, &w.id);
+        tracing::info!(account_id = w.account_id, webhook_id = %w.id, "webhook created");
+        Ok(Response::new(pb::CreateWebhookResponse {
+            webhook: Some(convert::webhook_to_proto(&w)),
+        }))
+    }
+
+    async fn get_webhook(
+        &self,
+        req: Request<pb::GetWebhookRequest>,
+    ) -> Result<Response<pb::GetWebhookResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let w = self.load(r.account_id, &r.webhook_id)?;
+        Ok(Response::new(pb::GetWebhookResponse {
+            webhook: Some(convert::webhook_to_proto(&w)),
+        }))
+    }
+
+    async fn list_webhooks(
+        &self,
+        req: Request<pb::ListWebhooksRequest>,
+    ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let limit = page_size(r.page_size, 50, 1000)?;
+        let after = parse_page_token("wh", &r.page_token)?;
+        let (items, more) = self
+            .state
+            .store
+            .list_webhooks(r.account_id, after.as_deref(), limit)?;
+        let next_page_token = match (more, items.last()) {
+            (true, Some(last)) => page_token("wh", &last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListWebhooksResponse {
+            webhooks: items.iter().map(convert::webhook_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_webhook(
+        &self,
+        req: Request<pb::UpdateWebhookRequest>,
+    ) -> Result<Response<pb::UpdateWebhookResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let src = r.webhook.as_ref().ok_or_else(|| Error::invalid("webhook", "is required"))?;
+        check_webhook_id(&src.id, "webhook.id")?;
+        let paths = r.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        let rules = self.rules();
+        let w = self
+            .state
+            .store
+            .update_webhook(r.account_id, &src.id, |w, secret| {
+                apply_mask(w, src, &paths)?;
+                webhook::validate(w, rules, "webhook")?;
+                let now = now_ms();
+                w.update_time_ms = now;
+                Ok((w.auth == Auth::Signature && secret.is_none()).then(|| SecretRecord::generate(now)))
+            })
+            .await?;
+        self.state.dispatcher.refresh(r.account_id, &w.id);
+        Ok(Response::new(pb::UpdateWebhookResponse {
+            webhook: Some(convert::webhook_to_proto(&w)),
+        }))
+    }
+
+    async fn delete_webhook(
+        &self,
+        req: Request<pb::DeleteWebhookRequest>,
+    ) -> Result<Response<pb::DeleteWebhookResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        check_webhook_id(&r.webhook_id, "webhook_id")?;
+        // Stop the lanes first so no attempt races the deletion.
+        self.state.dispatcher.remove(&r.webhook_id).await;
+        self.state.store.delete_webhook(r.account_id, &r.webhook_id).await.inspect_err(|_| {
+            // Not deleted (e.g. not found): let the lanes run again if it exists.
+            self.state.dispatcher.refresh(r.account_id, &r.webhook_id);
+        })?;
+        tracing::info!(account_id = r.account_id, webhook_id = %r.webhook_id, "webhook deleted");
+        Ok(Response::new(pb::DeleteWebhookResponse {}))
+    }
+
+    async fn retire_webhook(
+        &self,
+        req: Request<pb::RetireWebhookRequest>,
+    ) -> Result<Response<pb::RetireWebhookResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let webhook = self.set_active(r.account_id, &r.webhook_id, false).await?;
+        Ok(Response::new(pb::RetireWebhookResponse {
+            webhook: Some(webhook),
+        }))
+    }
+
+    async fn activate_webhook(
+        &self,
+        req: Request<pb::ActivateWebhookRequest>,
+    ) -> Result<Response<pb::ActivateWebhookResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let webhook = self.set_active(r.account_id, &r.webhook_id, true).await?;
+        Ok(Response::new(pb::ActivateWebhookResponse {
+            webhook: Some(webhook),
+        }))
+    }
+
+    async fn get_webhook_secret(
+        &self,
+        req: Request<pb::GetWebhookSecretRequest>,
+    ) -> Result<Response<pb::GetWebhookSecretResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let w = self.load(r.account_id, &r.webhook_id)?;
+        if w.auth != Auth::Signature {
+            return Err(Error::FailedPrecondition(format!(
+                "webhook {} does not use signature auth",
+                w.id
+            ))
+            .into());
+        }
+        let secret = self
+            .state
+            .store
+            .get_secret(&w.id)?
+            .ok_or_else(|| Error::Internal(format!("webhook {} has no secret", w.id)))?;
+        Ok(Response::new(pb::GetWebhookSecretResponse {
+            secret: Some(convert::secret_to_proto(&w.id, &secret, now_ms())),
+        }))
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        req: Request<pb::RotateWebhookSecretRequest>,
+    ) -> Result<Response<pb::RotateWebhookSecretResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        check_webhook_id(&r.webhook_id, "webhook_id")?;
+        if r.grace_period_seconds > MAX_GRACE_SECONDS {
+            return Err(Error::invalid(
+                "grace_period_seconds",
+                format!("must be at most {MAX_GRACE_SECONDS} (7 days)"),
+            )
+            .into());
+        }
+        let now = now_ms();
+        let mut rotated = None;
+        self.state
+            .store
+            .update_webhook(r.account_id, &r.webhook_id, |w, secret| {
+                if w.auth != Auth::Signature {
+                    return Err(Error::FailedPrecondition(format!(
+                        "webhook {} does not use signature auth",
+                        w.id
+                    )));
+                }
+                let old = secret.unwrap_or_else(|| SecretRecord::generate(now));
+                let new = old.rotate(now, i64::from(r.grace_period_seconds) * 1000);
+                rotated = Some(new.clone());
+                Ok(Some(new))
+            })
+            .await?;
+        self.state.dispatcher.refresh(r.account_id, &r.webhook_id);
+        let secret = rotated.ok_or_else(|| Error::Internal("rotation produced no secret".into()))?;
+        tracing::info!(account_id = r.account_id, webhook_id = %r.webhook_id, "webhook secret rotated");
+        Ok(Response::new(pb::RotateWebhookSecretResponse {
+            secret: Some(convert::secret_to_proto(&r.webhook_id, &secret, now)),
+        }))
+    }
+
+    async fn list_event_types(
+        &self,
+        req: Request<pb::ListEventTypesRequest>,
+    ) -> Result<Response<pb::ListEventTypesResponse>, Status> {
+        let r = req.get_ref();
+        let entries = self.state.catalog.entries();
+        let limit = page_size(r.page_size, 1000, 1000)?;
+        let start = match parse_page_token("et", &r.page_token)? {
+            Some(s) => s
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= entries.len())
+                .ok_or_else(|| Error::invalid("page_token", "not a token returned by this call"))?,
+            None => 0,
+        };
+        let end = (start + limit).min(entries.len());
+        Ok(Response::new(pb::ListEventTypesResponse {
+            event_types: entries[start..end].iter().map(convert::event_type_to_proto).collect(),
+            next_page_token: if end < entries.len() {
+                page_token("et", &end.to_string())
+            } else {
+                String::new()
+            },
+        }))
+    }
+
+    async fn test_webhook(
+        &self,
+        req: Request<pb::TestWebhookRequest>,
+    ) -> Result<Response<pb::TestWebhookResponse>, Status> {
+        use pb::test_webhook_request::Target;
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let now = now_ms();
+        let (w, secret) = match &r.target {
+            Some(Target::WebhookId(id)) => {
+                let w = self.load(r.account_id, id)?;
+                let secret = self.state.store.get_secret(&w.id)?;
+                (w, secret)
+            }
+            Some(Target::Webhook(src)) => {
+                let mut w = convert::webhook_from_proto(r.account_id, src, now);
+                webhook::validate(&mut w, self.rules(), "webhook")?;
+                w.id = "wh_test".into();
+                let secret = (w.auth == Auth::Signature).then(|| SecretRecord::generate(now));
+                (w, secret)
+            }
+            None => return Err(Error::invalid("target", "set webhook_id or webhook").into()),
+        };
+        let event_name = if r.event_name.is_empty() {
+            w.event_types.first().cloned().unwrap_or_default()
+        } else if self.state.catalog.mode(&r.event_name).is_some() {
+            r.event_name.clone()
+        } else {
+            return Err(Error::invalid("event_name", "unknown event type (see ListEventTypes)").into());
+        };
+        let outcome = self.state.dispatcher.test_webhook(&w, secret.as_ref(), &event_name).await;
+        Ok(Response::new(pb::TestWebhookResponse {
+            success: outcome.success,
+            status_code: u32::from(outcome.status_code),
+            latency_ms: outcome.latency_ms,
+            error: outcome.error,
+            response_body: outcome.response_body,
+        }))
+    }
+
+    async fn list_deliveries(
+        &self,
+        req: Request<pb::ListDeliveriesRequest>,
+    ) -> Result<Response<pb::ListDeliveriesResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        self.load(r.account_id, &r.webhook_id)?;
+        let state = convert::state_filter(r.state)?;
+        let limit = page_size(r.page_size, 50, 1000)?;
+        let after = parse_page_token("msg", &r.page_token)?;
+        if let Some(a) = &after {
+            if !ids::is_valid(DELIVERY_PREFIX, a) {
+                return Err(Error::invalid("page_token", "not a token returned by this call").into());
+            }
+        }
+        let page = self
+            .state
+            .store
+            .list_deliveries(&r.webhook_id, state, after.as_deref(), limit)?;
+        Ok(Response::new(pb::ListDeliveriesResponse {
+            deliveries: page.deliveries.iter().map(convert::delivery_to_proto).collect(),
+            next_page_token: page.next_after.map(|a| page_token("msg", &a)).unwrap_or_default(),
+        }))
+    }
+
+    async fn redeliver_events(
+        &self,
+        req: Request<pb::RedeliverEventsRequest>,
+    ) -> Result<Response<pb::RedeliverEventsResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let w = self.load(r.account_id, &r.webhook_id)?;
+        let store = &self.state.store;
+        let originals = if r.delivery_ids.is_empty() {
+            let mut all = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = store.list_deliveries(
+                    &w.id,
+                    Some(crate::domain::delivery::DeliveryState::Dead),
+                    after.as_deref(),
+                    1000,
+                )?;
+                all.extend(page.deliveries);
+                match page.next_after {
+                    Some(a) => after = Some(a),
+                    None => break,
+                }
+            }
+            all
+        } else {
+            let mut found = Vec::with_capacity(r.delivery_ids.len());
+            for (i, id) in r.delivery_ids.iter().enumerate() {
+                let field = format!("delivery_ids[{i}]");
+                if !ids::is_valid(DELIVERY_PREFIX, id) {
+                    return Err(Error::invalid(field, "is not a delivery id (msg_…)").into());
+                }
+                found.push(
+                    store
+                        .delivery(&w.id, id)?
+                        .ok_or_else(|| Error::NotFound(format!("delivery {id}")))?,
+                );
+            }
+            found
+        };
+        let total = originals.len();
+        // Requeue in chunks so progress is visible in the log on big redeliveries.
+        for (n, chunk) in originals.chunks(1000).enumerate() {
+            store.requeue(&w.id, chunk, now_ms())?;
+            if total > 1000 {
+                tracing::info!(
+                    webhook_id = %w.id,
+                    done = ((n + 1) * 1000).min(total),
+                    total,
+                    "redelivery progress"
+                );
+            }
+        }
+        store.flush().await?;
+        self.state.dispatcher.refresh(r.account_id, &w.id);
+        Ok(Response::new(pb::RedeliverEventsResponse {
+            requeued_count: total as u32,
+        }))
+    }
+
+    type WatchDeliveriesStream = WatchStream;
+
+    async fn watch_deliveries(
+        &self,
+        req: Request<pb::WatchDeliveriesRequest>,
+    ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        if !r.webhook_id.is_empty() {
+            self.load(r.account_id, &r.webhook_id)?;
+        }
+        let account_id = r.account_id;
+        let webhook_id = r.webhook_id.clone();
+        let rx = self.state.dispatcher.subscribe_outcomes();
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| match item {
+            Ok(d) if d.account_id == account_id && (webhook_id.is_empty() || d.webhook_id == webhook_id) => {
+                Some(Ok(pb::WatchDeliveriesResponse {
+                    delivery: Some(convert::delivery_to_proto(&d)),
+                }))
+            }
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                tracing::warn!(skipped = n, "WatchDeliveries consumer too slow; outcomes skipped");
+                None
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,305 @@
+//! Conversions between protobuf messages and domain types, and the opaque
+//! page tokens. Outgoing webhooks never carry secrets or passwords.
+
+use base64::Engine;
+use prost_types::{value::Kind, Struct, Timestamp, Value};
+
+use crate::domain::catalog::{EventType, Mode};
+use crate::domain::delivery::{Attempt, DeliveryRecord, DeliveryState};
+use crate::domain::event::push_json_string;
+use crate::domain::webhook::{Auth, SecretRecord, Webhook};
+use crate::error::{Error, Result};
+use crate::proto::v1 as pb;
+
+/// Milliseconds to a protobuf Timestamp.
+pub fn timestamp(ms: i64) -> Timestamp {
+    Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// A webhook as clients see it: no password, no secret.
+pub fn webhook_to_proto(w: &Webhook) -> pb::Webhook {
+    pb::Webhook {
+        id: w.id.clone(),
+        account_id: w.account_id,
+        name: w.name.clone(),
+        description: w.description.clone(),
+        target_url: w.target_url.clone(),
+        auth: Some(auth_to_proto(&w.auth)),
+        event_types: w.event_types.clone(),
+        active: w.active,
+        create_time: Some(timestamp(w.create_time_ms)),
+        update_time: Some(timestamp(w.update_time_ms)),
+        disabled_reason: w.disabled_reason.clone(),
+    }
+}
+
+fn auth_to_proto(a: &Auth) -> pb::WebhookAuth {
+    use pb::webhook_auth::Method;
+    let method = match a {
+        Auth::None => Method::None(pb::NoAuth {}),
+        Auth::Basic { username, .. } => Method::Basic(pb::BasicAuth {
+            username: username.clone(),
+            password: String::new(),
+        }),
+        Auth::Signature => Method::Signature(pb::SignatureAuth {}),
+    };
+    pb::WebhookAuth {
+        method: Some(method),
+    }
+}
+
+/// The auth of an incoming webhook.
+pub fn auth_from_proto(a: Option<&pb::WebhookAuth>) -> Auth {
+    use pb::webhook_auth::Method;
+    match a.and_then(|a| a.method.as_ref()) {
+        None | Some(Method::None(_)) => Auth::None,
+        Some(Method::Basic(b)) => Auth::Basic {
+            username: b.username.clone(),
+            password: b.password.clone(),
+        },
+        Some(Method::Signature(_)) => Auth::Signature,
+    }
+}
+
+/// The user-settable fields of an incoming webhook, for `account_id`.
+pub fn webhook_from_proto(account_id: u64, w: &pb::Webhook, now_ms: i64) -> Webhook {
+    Webhook {
+        id: String::new(),
+        account_id,
+        name: w.name.clone(),
+        description: w.description.clone(),
+        target_url: w.target_url.trim().to_string(),
+        auth: auth_from_proto(w.auth.as_ref()),
+        event_types: w.event_types.iter().map(|t| t.trim().to_string()).collect(),
+        active: true,
+        create_time_ms: now_ms,
+        update_time_ms: now_ms,
+        disabled_reason: String::new(),
+    }
+}
+
+/// The secret message of GetWebhookSecret / RotateWebhookSecret.
+pub fn secret_to_proto(webhook_id: &str, s: &SecretRecord, now_ms: i64) -> pb::WebhookSecret {
+    pb::WebhookSecret {
+        webhook_id: webhook_id.to_string(),
+        secret: s.current.clone(),
+        algorithm: "HMAC-SHA256".into(),
+        signature_header: "webhook-signature".into(),
+        id_header: "webhook-id".into(),
+        timestamp_header: "webhook-timestamp".into(),
+        create_time: Some(timestamp(s.create_time_ms)),
+        previous_secret_expire_time: (s.previous.is_some() && s.previous_expire_ms > now_ms)
+            .then(|| timestamp(s.previous_expire_ms)),
+    }
+}
+
+/// A catalog entry.
+pub fn event_type_to_proto(e: &EventType) -> pb::EventType {
+    pb::EventType {
+        name: e.name.clone(),
+        delivery_mode: match e.mode {
+            Mode::Realtime => pb::DeliveryMode::Realtime,
+            Mode::Batch => pb::DeliveryMode::Batch,
+        } as i32,
+        description: e.description.clone(),
+    }
+}
+
+/// A delivery record.
+pub fn delivery_to_proto(d: &DeliveryRecord) -> pb::Delivery {
+    pb::Delivery {
+        id: d.id.clone(),
+        webhook_id: d.webhook_id.clone(),
+        event_ids: d.event_ids.clone(),
+        state: state_to_proto(d.state) as i32,
+        attempts: d.attempts.iter().map(attempt_to_proto).collect(),
+        next_attempt_time: (d.state == DeliveryState::Retrying && d.next_attempt_ms > 0)
+            .then(|| timestamp(d.next_attempt_ms)),
+        create_time: Some(timestamp(d.create_time_ms)),
+        account_id: d.account_id,
+    }
+}
+
+fn attempt_to_proto(a: &Attempt) -> pb::DeliveryAttempt {
+    pb::DeliveryAttempt {
+        attempt_time: Some(timestamp(a.time_ms)),
+        status_code: u32::from(a.status_code),
+        latency_ms: a.latency_ms,
+        error: a.error.clone(),
+    }
+}
+
+fn state_to_proto(s: DeliveryState) -> pb::DeliveryState {
+    match s {
+        DeliveryState::Pending => pb::DeliveryState::Pending,
+        DeliveryState::Retrying => pb::DeliveryState::Retrying,
+        DeliveryState::Delivered => pb::DeliveryState::Delivered,
+        DeliveryState::Dead => pb::DeliveryState::Dead,
+    }
+}
+
+/// A state filter from a request (None: every state).
+pub fn state_filter(raw: i32) -> Result<Option<DeliveryState>> {
+    match pb::DeliveryState::try_from(raw) {
+        Ok(pb::DeliveryState::Unspecified) => Ok(None),
+        Ok(pb::DeliveryState::Pending) => Ok(Some(DeliveryState::Pending)),
+        Ok(pb::DeliveryState::Retrying) => Ok(Some(DeliveryState::Retrying)),
+        Ok(pb::DeliveryState::Delivered) => Ok(Some(DeliveryState::Delivered)),
+        Ok(pb::DeliveryState::Dead) => Ok(Some(DeliveryState::Dead)),
+        Err(_) => Err(Error::invalid("state", format!("unknown delivery state {raw}"))),
+    }
+}
+
+/// Encodes a page position as an opaque token.
+pub fn page_token(kind: &str, after: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{kind}:{after}"))
+}
+
+/// Decodes a page token made by [`page_token`] with the same `kind`.
+pub fn parse_page_token(kind: &str, token: &str) -> Result<Option<String>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Error::invalid("page_token", "not a token returned by this call");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let after = text
+        .strip_prefix(kind)
+        .and_then(|r| r.strip_prefix(':'))
+        .ok_or_else(bad)?;
+    if after.is_empty() || after.len() > 128 {
+        return Err(bad());
+    }
+    Ok(Some(after.to_string()))
+}
+
+/// Page size from a request: 0 means `default`, capped at `max`.
+pub fn page_size(raw: i32, default: usize, max: usize) -> Result<usize> {
+    match raw {
+        n if n < 0 => Err(Error::invalid("page_size", "must not be negative")),
+        0 => Ok(default),
+        n => Ok((n as usize).min(max)),
+    }
+}
+
+/// Largest integer a double holds exactly; whole numbers up to it are
+/// written without a fraction.
+const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
+
+/// Renders a Struct as a JSON object. Whole numbers are written as integers
+/// (4279332, never 4279332.0); NaN and infinities are refused. `field` names
+/// the Struct in errors.
+pub fn struct_to_json(s: Option<&Struct>, field: &str) -> Result<String> {
+    let mut out = String::new();
+    match s {
+        None => out.push_str("{}"),
+        Some(s) => write_struct(&mut out, s, field)?,
+    }
+    Ok(out)
+}
+
+fn write_struct(out: &mut String, s: &Struct, path: &str) -> Result<()> {
+    out.push('{');
+    // Keys sorted so the same event always renders to the same bytes.
+    let mut keys: Vec<&String> = s.fields.keys().collect();
+    keys.sort();
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_string(out, k);
+        out.push(':');
+        write_value(out, &s.fields[k], &format!("{path}.{k}"))?;
+    }
+    out.push('}');
+    Ok(())
+}
+
+fn write_value(out: &mut String, v: &Value, path: &str) -> Result<()> {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => out.push_str("null"),
+        Some(Kind::BoolValue(b)) => out.push_str(if *b { "true" } else { "false" }),
+        Some(Kind::StringValue(s)) => push_json_string(out, s),
+        Some(Kind::NumberValue(n)) => {
+            if !n.is_finite() {
+                return Err(Error::invalid(path, "NaN and infinity are not valid JSON numbers"));
+            }
+            if n.fract() == 0.0 && n.abs() <= MAX_EXACT_INT {
+                out.push_str(&(*n as i64).to_string());
+            } else {
+                // serde_json writes the shortest round-tripping form.
+                out.push_str(&serde_json::Number::from_f64(*n).map(|x| x.to_string()).unwrap_or_default());
+            }
+        }
+        Some(Kind::StructValue(s)) => write_struct(out, s, path)?,
+        Some(Kind::ListValue(l)) => {
+            out.push('[');
+            for (i, item) in l.values.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(out, item, &format!("{path}[{i}]"))?;
+            }
+            out.push(']');
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn num(n: f64) -> Value {
+        Value {
+            kind: Some(Kind::NumberValue(n)),
+        }
+    }
+
+    #[test]
+    fn whole_numbers_are_integers() {
+        let mut fields = BTreeMap::new();
+        fields.insert("userId".to_string(), num(4279332.0));
+        fields.insert("ratio".to_string(), num(0.5));
+        fields.insert("neg".to_string(), num(-3.0));
+        fields.insert(
+            "loId".to_string(),
+            Value {
+                kind: Some(Kind::StringValue("course:7374992".into())),
+            },
+        );
+        let s = Struct {
+            fields: fields.into_iter().collect(),
+        };
+        assert_eq!(
+            struct_to_json(Some(&s), "data").unwrap(),
+            r#"{"loId":"course:7374992","neg":-3,"ratio":0.5,"userId":4279332}"#
+        );
+    }
+
+    #[test]
+    fn non_finite_numbers_name_their_path() {
+        let s = Struct {
+            fields: [("x".to_string(), num(f64::NAN))].into_iter().collect(),
+        };
+        match struct_to_json(Some(&s), "events[2].data") {
+            Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, "events[2].data.x"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let t = page_token("wh", "wh_1");
+        assert_eq!(parse_page_token("wh", &t).unwrap().as_deref(), Some("wh_1"));
+        assert!(parse_page_token("msg", &t).is_err());
+        assert!(parse_page_token("wh", "!!!").is_err());
+        assert_eq!(parse_page_token("wh", "").unwrap(), None);
+    }
+}

@@ -1,0 +1,178 @@
+//! EventIngest: validate a request whole, append it durably, wake the lanes.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::authorize_account;
+use super::convert::struct_to_json;
+use super::AppState;
+use crate::domain::event::{render_event_json, NewEvent};
+use crate::domain::now_ms;
+use crate::error::{Error, Result};
+use crate::proto::v1 as pb;
+use crate::proto::v1::event_ingest_server::EventIngest;
+
+/// Longest accepted event id.
+pub const MAX_EVENT_ID_BYTES: usize = 128;
+/// Latest accepted timestamp: the end of year 9999, in ms.
+const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+
+/// The EventIngest service.
+#[derive(Clone)]
+pub struct IngestService {
+    state: AppState,
+}
+
+impl IngestService {
+    /// A service over the shared state.
+    pub fn new(state: AppState) -> Self {
+        IngestService { state }
+    }
+
+    /// Validates the whole request (all or none), then appends it.
+    async fn publish(&self, r: &pb::PublishEventsRequest) -> Result<pb::PublishEventsResponse> {
+        let events = validate_request(&self.state, r)?;
+        let (outcomes, last_seq) = self
+            .state
+            .store
+            .append_events(r.account_id, &events, now_ms())
+            .await?;
+        self.state.dispatcher.events_appended(r.account_id, last_seq);
+        Ok(pb::PublishEventsResponse {
+            results: outcomes
+                .into_iter()
+                .map(|o| pb::PublishResult {
+                    event_id: o.event_id,
+                    duplicate: o.duplicate,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Checks every event and renders it; the first problem names its index and field.
+pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Result<Vec<NewEvent>> {
+    let limits = &state.config.limits;
+    if r.events.is_empty() {
+        return Err(Error::invalid("events", "must contain at least one event"));
+    }
+    if r.events.len() > limits.max_events_per_request as usize {
+        return Err(Error::invalid(
+            "events",
+            format!(
+                "{} events; at most {} per request",
+                r.events.len(),
+                limits.max_events_per_request
+            ),
+        ));
+    }
+    let now = now_ms();
+    let mut out = Vec::with_capacity(r.events.len());
+    for (i, e) in r.events.iter().enumerate() {
+        let size = e.encoded_len();
+        if size > limits.max_event_bytes as usize {
+            return Err(Error::invalid(
+                format!("events[{i}]"),
+                format!("is {size} bytes; the limit is {}", limits.max_event_bytes),
+            ));
+        }
+        if e.event_name.is_empty() {
+            return Err(Error::invalid(format!("events[{i}].event_name"), "is required"));
+        }
+        if state.catalog.mode(&e.event_name).is_none() {
+            return Err(Error::invalid(
+                format!("events[{i}].event_name"),
+                format!(
+                    "unknown event type {:?} (see ListEventTypes)",
+                    crate::domain::webhook::truncate(&e.event_name, 80)
+                ),
+            ));
+        }
+        if e.event_id.len() > MAX_EVENT_ID_BYTES {
+            return Err(Error::invalid(
+                format!("events[{i}].event_id"),
+                format!("must be at most {MAX_EVENT_ID_BYTES} bytes"),
+            ));
+        }
+        if e.event_id.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                format!("events[{i}].event_id"),
+                "must not contain control characters",
+            ));
+        }
+        if !(0..=MAX_TIMESTAMP_MS).contains(&e.timestamp) {
+            return Err(Error::invalid(
+                format!("events[{i}].timestamp"),
+                "must be epoch milliseconds between 0 (meaning now) and year 9999",
+            ));
+        }
+        let data = struct_to_json(e.data.as_ref(), &format!("events[{i}].data"))?;
+        let event_id = if e.event_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            e.event_id.clone()
+        };
+        let timestamp_ms = if e.timestamp == 0 { now } else { e.timestamp };
+        let json = render_event_json(&event_id, &e.event_name, timestamp_ms, &e.event_info, &data);
+        out.push(NewEvent {
+            event_id,
+            event_name: e.event_name.clone(),
+            timestamp_ms,
+            json,
+        });
+    }
+    Ok(out)
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventIngest for IngestService {
+    async fn publish_events(
+        &self,
+        req: Request<pb::PublishEventsRequest>,
+    ) -> Result<Response<pb::PublishEventsResponse>, Status> {
+        authorize_account(&req, req.get_ref().account_id)?;
+        Ok(Response::new(self.publish(req.get_ref()).await?))
+    }
+
+    type StreamEventsStream = ResponseStream;
+
+    async fn stream_events(
+        &self,
+        req: Request<Streaming<pb::PublishEventsRequest>>,
+    ) -> Result<Response<Self::StreamEventsStream>, Status> {
+        let principal = req.extensions().clone();
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let service = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                // Each message is authorized like a unary call.
+                let mut check = Request::new(());
+                *check.extensions_mut() = principal.clone();
+                let result = match authorize_account(&check, msg.account_id) {
+                    Ok(()) => service.publish(&msg).await,
+                    Err(e) => Err(e),
+                };
+                let failed = result.is_err();
+                if tx.send(result.map_err(Status::from)).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

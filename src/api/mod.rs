@@ -1,0 +1,27 @@
+//! The gRPC services: validate, authorize, call the store and the delivery
+//! engine, convert.
+
+pub mod admin;
+pub mod auth;
+pub mod convert;
+pub mod ingest;
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::delivery::Dispatcher;
+use crate::domain::catalog::Catalog;
+use crate::store::Store;
+
+/// What every handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    /// Effective configuration.
+    pub config: Arc<Config>,
+    /// Event catalog in force.
+    pub catalog: Arc<Catalog>,
+    /// Persistence.
+    pub store: Store,
+    /// Delivery engine.
+    pub dispatcher: Dispatcher,
+}

@@ -1,0 +1,421 @@
+//! Typed configuration: embedded defaults, then an optional TOML file, then
+//! environment variables, validated once at start.
+//!
+//! Environment scheme: `WEBHOOK_ROUTER__` followed by the key path in upper
+//! case, sections separated by `__`. The value is read as a TOML value when it
+//! parses as one (numbers, booleans, arrays, inline tables) and as a string
+//! otherwise. Examples:
+//!
+//! ```text
+//! WEBHOOK_ROUTER__LISTEN=0.0.0.0:50051
+//! WEBHOOK_ROUTER__DATA_DIR=/var/lib/webhook-router
+//! WEBHOOK_ROUTER__DELIVERY__ALLOW_PRIVATE_TARGETS=true
+//! WEBHOOK_ROUTER__TOKENS='[{token_sha256 = "…", role = "admin"}]'
+//! ```
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables that override the config file.
+pub const ENV_PREFIX: &str = "WEBHOOK_ROUTER__";
+
+/// The whole configuration of one router process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: String,
+    /// Folder holding the sled database (created when missing).
+    pub data_dir: PathBuf,
+    /// On SIGTERM/SIGINT: how long in-flight deliveries may take to finish.
+    pub shutdown_grace_ms: u64,
+    /// Request and resource limits.
+    pub limits: Limits,
+    /// Delivery behaviour.
+    pub delivery: Delivery,
+    /// API tokens. Empty: credentials are created on first start.
+    pub tokens: Vec<TokenConfig>,
+    /// Event types added to the built-in catalog.
+    pub event_types: Vec<EventTypeConfig>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Webhooks one account may register.
+    pub max_webhooks_per_account: u32,
+    /// Events one PublishEvents request may carry.
+    pub max_events_per_request: u32,
+    /// Largest accepted event (protobuf-encoded size), in bytes.
+    pub max_event_bytes: u32,
+}
+
+/// `[delivery]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    /// Allow http:// and loopback/private/link-local targets (tests, on-premise).
+    pub allow_private_targets: bool,
+    /// Most events in one payload.
+    pub max_events_per_payload: u32,
+    /// How often batch-mode events are sent.
+    pub batch_interval_ms: u64,
+    /// Requests per second to one webhook.
+    pub rate_limit_per_second: u32,
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout_ms: u64,
+    /// Whole-request timeout, response body included.
+    pub request_timeout_ms: u64,
+    /// First retry delay; doubles per attempt.
+    pub retry_initial_ms: u64,
+    /// Longest delay between two attempts.
+    pub retry_max_interval_ms: u64,
+    /// A payload failing for longer than this is dead-lettered and its webhook disabled.
+    pub retry_max_age_ms: u64,
+    /// How long delivered records and events stay for the delivery log.
+    pub retention_ms: u64,
+    /// Most response-body bytes read from a listener.
+    pub max_response_body_bytes: u32,
+}
+
+/// Who a token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// WebhookAdmin.
+    Admin,
+    /// EventIngest.
+    Ingest,
+}
+
+/// One `[[tokens]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The token itself.
+    pub token: Option<String>,
+    /// Or its SHA-256, hex encoded, so the file need not hold the secret.
+    pub token_sha256: Option<String>,
+    /// What the token may call.
+    pub role: Role,
+    /// Accounts the token may act on; absent means every account.
+    pub account_ids: Option<Vec<u64>>,
+}
+
+/// One `[[event_types]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTypeConfig {
+    /// Upper-case name, `[A-Z0-9_]`, 1-64 characters.
+    pub name: String,
+    /// `realtime` or `batch`.
+    pub mode: ModeConfig,
+    /// Shown by ListEventTypes.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Delivery mode as written in config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeConfig {
+    /// Sent at once.
+    Realtime,
+    /// Sent every batch interval.
+    Batch,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:50051".into(),
+            data_dir: PathBuf::from("./data"),
+            shutdown_grace_ms: 10_000,
+            limits: Limits::default(),
+            delivery: Delivery::default(),
+            tokens: Vec::new(),
+            event_types: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_webhooks_per_account: 5,
+            max_events_per_request: 1000,
+            max_event_bytes: 262_144,
+        }
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        Delivery {
+            allow_private_targets: false,
+            max_events_per_payload: 100,
+            batch_interval_ms: 60_000,
+            rate_limit_per_second: 50,
+            connect_timeout_ms: 10_000,
+            request_timeout_ms: 5_000,
+            retry_initial_ms: 5_000,
+            retry_max_interval_ms: 300_000,
+            retry_max_age_ms: 7 * DAY_MS,
+            retention_ms: 7 * DAY_MS,
+            max_response_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut env: Vec<_> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (key, value) in env {
+            apply_env_override(&mut table, &key, &value)?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parsed listen address (validated by [`Config::validate`]).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.parse().expect("listen address validated at load")
+    }
+
+    /// Checks every value; the message names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return bad("listen", "must be an IP:port socket address, e.g. 127.0.0.1:50051");
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir", "must not be empty");
+        }
+        let l = &self.limits;
+        if l.max_webhooks_per_account == 0 {
+            return bad("limits.max_webhooks_per_account", "must be at least 1");
+        }
+        if !(1..=100_000).contains(&l.max_events_per_request) {
+            return bad("limits.max_events_per_request", "must be 1..=100000");
+        }
+        if !(64..=16 * 1024 * 1024).contains(&l.max_event_bytes) {
+            return bad("limits.max_event_bytes", "must be 64..=16777216");
+        }
+        let d = &self.delivery;
+        if !(1..=10_000).contains(&d.max_events_per_payload) {
+            return bad("delivery.max_events_per_payload", "must be 1..=10000");
+        }
+        for (key, value) in [
+            ("delivery.batch_interval_ms", d.batch_interval_ms),
+            ("delivery.connect_timeout_ms", d.connect_timeout_ms),
+            ("delivery.request_timeout_ms", d.request_timeout_ms),
+            ("delivery.retry_initial_ms", d.retry_initial_ms),
+            ("delivery.retry_max_interval_ms", d.retry_max_interval_ms),
+            ("delivery.retry_max_age_ms", d.retry_max_age_ms),
+            ("delivery.retention_ms", d.retention_ms),
+        ] {
+            if value == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        if d.rate_limit_per_second == 0 {
+            return bad("delivery.rate_limit_per_second", "must be at least 1");
+        }
+        if d.retry_max_interval_ms < d.retry_initial_ms {
+            return bad(
+                "delivery.retry_max_interval_ms",
+                "must be at least delivery.retry_initial_ms",
+            );
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            match (&t.token, &t.token_sha256) {
+                (Some(tok), None) if tok.len() >= 16 => {}
+                (Some(_), None) => {
+                    return bad(&format!("tokens[{i}].token"), "must be at least 16 characters")
+                }
+                (None, Some(h)) if h.len() == 64 && hex::decode(h).is_ok() => {}
+                (None, Some(_)) => {
+                    return bad(
+                        &format!("tokens[{i}].token_sha256"),
+                        "must be 64 hex characters (a SHA-256)",
+                    )
+                }
+                _ => {
+                    return bad(
+                        &format!("tokens[{i}]"),
+                        "set exactly one of `token` and `token_sha256`",
+                    )
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, e) in self.event_types.iter().enumerate() {
+            let ok = !e.name.is_empty()
+                && e.name.len() <= 64
+                && e.name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return bad(
+                    &format!("event_types[{i}].name"),
+                    "must be 1-64 characters of A-Z, 0-9 and _",
+                );
+            }
+            if crate::domain::catalog::builtin_mode(&e.name).is_some() || !names.insert(&e.name) {
+                return bad(
+                    &format!("event_types[{i}].name"),
+                    &format!("{} is already in the catalog", e.name),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML with token secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut masked = self.clone();
+        for t in &mut masked.tokens {
+            if t.token.is_some() {
+                t.token = Some("********".into());
+            }
+        }
+        toml::to_string_pretty(&masked).unwrap_or_default()
+    }
+}
+
+/// Sets `table[path]` from one `WEBHOOK_ROUTER__A__B=value` variable.
+fn apply_env_override(table: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = key[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError(format!("{key}: empty key segment")));
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut cursor = table;
+    for part in parents {
+        let entry = cursor
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cursor = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError(format!("{key}: `{part}` is not a section")))?;
+    }
+    cursor.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:50051");
+        assert_eq!(c.limits.max_webhooks_per_account, 5);
+        assert!(!c.delivery.allow_private_targets);
+    }
+
+    #[test]
+    fn environment_overrides_typed_values() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("WEBHOOK_ROUTER__LISTEN", "0.0.0.0:9000"),
+                ("WEBHOOK_ROUTER__DELIVERY__ALLOW_PRIVATE_TARGETS", "true"),
+                ("WEBHOOK_ROUTER__LIMITS__MAX_WEBHOOKS_PER_ACCOUNT", "7"),
+                (
+                    "WEBHOOK_ROUTER__TOKENS",
+                    r#"[{token = "0123456789abcdef", role = "admin", account_ids = [1]}]"#,
+                ),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:9000");
+        assert!(c.delivery.allow_private_targets);
+        assert_eq!(c.limits.max_webhooks_per_account, 7);
+        assert_eq!(c.tokens[0].account_ids, Some(vec![1]));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__LISTEN", "nope")])).unwrap_err();
+        assert!(e.0.starts_with("listen:"), "{e}");
+        let e = Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__LISTN", "x")])).unwrap_err();
+        assert!(e.0.contains("listn"), "{e}");
+        let e = Config::load_with_env(
+            None,
+            env(&[("WEBHOOK_ROUTER__TOKENS", r#"[{token_sha256 = "zz", role = "admin"}]"#)]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("tokens[0].token_sha256"), "{e}");
+        let e = Config::load_with_env(
+            None,
+            env(&[("WEBHOOK_ROUTER__EVENT_TYPES", r#"[{name = "COURSE_ENROLLMENT", mode = "batch"}]"#)]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("already in the catalog"), "{e}");
+    }
+
+    #[test]
+    fn masked_output_hides_tokens() {
+        let c = Config::load_with_env(
+            None,
+            env(&[("WEBHOOK_ROUTER__TOKENS", r#"[{token = "supersecrettoken1", role = "ingest"}]"#)]),
+        )
+        .unwrap();
+        let text = c.to_masked_toml();
+        assert!(!text.contains("supersecrettoken1"));
+        assert!(text.contains("********"));
+    }
+}

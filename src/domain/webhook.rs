@@ -1,0 +1,296 @@
+//! Webhooks, their authentication and signing secrets, and the rules a
+//! webhook must satisfy to be stored.
+
+use base64::Engine;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use super::catalog::{Catalog, Mode};
+use crate::delivery::guard;
+use crate::error::{Error, Result};
+
+/// Longest name.
+pub const MAX_NAME_CHARS: usize = 128;
+/// Longest description.
+pub const MAX_DESCRIPTION_CHARS: usize = 1024;
+/// Longest target URL.
+pub const MAX_URL_BYTES: usize = 2048;
+/// Most event types one webhook may subscribe to.
+pub const MAX_EVENT_TYPES: usize = 256;
+/// Prefix of Standard Webhooks secrets.
+pub const SECRET_PREFIX: &str = "whsec_";
+
+/// A registered listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Webhook {
+    /// `wh_…`
+    pub id: String,
+    /// Owning account.
+    pub account_id: u64,
+    /// 1-128 characters.
+    pub name: String,
+    /// At most 1024 characters.
+    pub description: String,
+    /// Destination of the POSTs.
+    pub target_url: String,
+    /// How requests authenticate.
+    pub auth: Auth,
+    /// Subscribed event types, deduplicated, in the order given.
+    pub event_types: Vec<String>,
+    /// Whether deliveries run.
+    pub active: bool,
+    /// Creation time, ms since the epoch.
+    pub create_time_ms: i64,
+    /// Last change, ms since the epoch.
+    pub update_time_ms: i64,
+    /// Set when the service disabled the webhook itself.
+    pub disabled_reason: String,
+}
+
+/// Authentication of delivery requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Auth {
+    /// No headers.
+    None,
+    /// `authorization: Basic …`
+    Basic {
+        /// User name.
+        username: String,
+        /// Password; never leaves the service through read calls.
+        password: String,
+    },
+    /// Standard Webhooks signature with the webhook's secret.
+    Signature,
+}
+
+impl Webhook {
+    /// Whether events of `mode` reach this webhook's `mode` lane at all.
+    pub fn subscribes_to_mode(&self, catalog: &Catalog, mode: Mode) -> bool {
+        self.event_types.iter().any(|t| catalog.mode(t) == Some(mode))
+    }
+}
+
+/// What the rules need to know that the webhook itself does not say.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// Event catalog in force.
+    pub catalog: &'a Catalog,
+    /// `delivery.allow_private_targets`.
+    pub allow_private_targets: bool,
+}
+
+/// Checks a webhook's user-settable fields; `prefix` is the request path of the
+/// webhook (e.g. `webhook`) used in field names. Normalises event_types
+/// (duplicates removed).
+pub fn validate(w: &mut Webhook, rules: Rules<'_>, prefix: &str) -> Result<()> {
+    let f = |name: &str| format!("{prefix}.{name}");
+    let name_chars = w.name.chars().count();
+    if w.name.trim().is_empty() {
+        return Err(Error::invalid(f("name"), "is required"));
+    }
+    if name_chars > MAX_NAME_CHARS {
+        return Err(Error::invalid(f("name"), format!("must be at most {MAX_NAME_CHARS} characters")));
+    }
+    if w.name.chars().any(char::is_control) {
+        return Err(Error::invalid(f("name"), "must not contain control characters"));
+    }
+    if w.description.chars().count() > MAX_DESCRIPTION_CHARS {
+        return Err(Error::invalid(
+            f("description"),
+            format!("must be at most {MAX_DESCRIPTION_CHARS} characters"),
+        ));
+    }
+    if w.target_url.is_empty() {
+        return Err(Error::invalid(f("target_url"), "is required"));
+    }
+    if w.target_url.len() > MAX_URL_BYTES {
+        return Err(Error::invalid(f("target_url"), format!("must be at most {MAX_URL_BYTES} bytes")));
+    }
+    guard::check_target_url(&w.target_url, rules.allow_private_targets)
+        .map_err(|reason| Error::invalid(f("target_url"), reason))?;
+    if w.event_types.is_empty() {
+        return Err(Error::invalid(f("event_types"), "must name at least one event type"));
+    }
+    if w.event_types.len() > MAX_EVENT_TYPES {
+        return Err(Error::invalid(f("event_types"), format!("at most {MAX_EVENT_TYPES} entries")));
+    }
+    for (i, t) in w.event_types.iter().enumerate() {
+        if rules.catalog.mode(t).is_none() {
+            return Err(Error::invalid(
+                format!("{prefix}.event_types[{i}]"),
+                format!("unknown event type {:?} (see ListEventTypes)", truncate(t, 80)),
+            ));
+        }
+    }
+    let mut kept = std::collections::HashSet::new();
+    w.event_types.retain(|t| kept.insert(t.clone()));
+    if let Auth::Basic { username, password } = &w.auth {
+        if username.is_empty() {
+            return Err(Error::invalid(f("auth.basic.username"), "is required"));
+        }
+        if username.contains(':') || username.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                f("auth.basic.username"),
+                "must not contain ':' or control characters",
+            ));
+        }
+        if password.is_empty() {
+            return Err(Error::invalid(f("auth.basic.password"), "is required"));
+        }
+        if username.len() > 256 || password.len() > 256 {
+            return Err(Error::invalid(f("auth.basic"), "username and password: at most 256 bytes each"));
+        }
+    }
+    Ok(())
+}
+
+/// At most `max` characters of `s`, for echoing user input in messages.
+pub fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// A webhook's signing secrets: the current one and, during a rotation's
+/// grace period, the previous one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    /// `whsec_…`, the secret in use.
+    pub current: String,
+    /// When `current` was created, ms.
+    pub create_time_ms: i64,
+    /// The secret before the last rotation, still signed with until `previous_expire_ms`.
+    pub previous: Option<String>,
+    /// End of the grace period, ms.
+    pub previous_expire_ms: i64,
+}
+
+impl SecretRecord {
+    /// A fresh secret: `whsec_` + base64 of 32 random bytes.
+    pub fn generate(now_ms: i64) -> SecretRecord {
+        SecretRecord {
+            current: new_secret(),
+            create_time_ms: now_ms,
+            previous: None,
+            previous_expire_ms: 0,
+        }
+    }
+
+    /// Replaces the secret; the old one stays in use for `grace_ms`.
+    pub fn rotate(&self, now_ms: i64, grace_ms: i64) -> SecretRecord {
+        SecretRecord {
+            current: new_secret(),
+            create_time_ms: now_ms,
+            previous: (grace_ms > 0).then(|| self.current.clone()),
+            previous_expire_ms: if grace_ms > 0 { now_ms + grace_ms } else { 0 },
+        }
+    }
+
+    /// The secrets to sign with at `now_ms`, current first.
+    pub fn active_secrets(&self, now_ms: i64) -> Vec<&str> {
+        let mut out = vec![self.current.as_str()];
+        if let Some(prev) = &self.previous {
+            if now_ms < self.previous_expire_ms {
+                out.push(prev);
+            }
+        }
+        out
+    }
+}
+
+fn new_secret() -> String {
+    let mut key = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    format!(
+        "{SECRET_PREFIX}{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Webhook {
+        Webhook {
+            id: String::new(),
+            account_id: 1,
+            name: "crm".into(),
+            description: String::new(),
+            target_url: "https://example.com/hook".into(),
+            auth: Auth::Signature,
+            event_types: vec!["COURSE_ENROLLMENT".into(), "COURSE_ENROLLMENT".into()],
+            active: true,
+            create_time_ms: 0,
+            update_time_ms: 0,
+            disabled_reason: String::new(),
+        }
+    }
+
+    fn check(w: &mut Webhook) -> Result<()> {
+        let catalog = Catalog::new(&[]);
+        validate(
+            w,
+            Rules {
+                catalog: &catalog,
+                allow_private_targets: false,
+            },
+            "webhook",
+        )
+    }
+
+    fn field_of(r: Result<()>) -> String {
+        match r {
+            Err(Error::InvalidArgument { field, .. }) => field,
+            other => panic!("expected invalid argument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_webhook_is_normalised() {
+        let mut w = sample();
+        check(&mut w).unwrap();
+        assert_eq!(w.event_types, vec!["COURSE_ENROLLMENT".to_string()]);
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let mut w = sample();
+        w.name = " ".into();
+        assert_eq!(field_of(check(&mut w)), "webhook.name");
+        let mut w = sample();
+        w.name = "x".repeat(129);
+        assert_eq!(field_of(check(&mut w)), "webhook.name");
+        let mut w = sample();
+        w.description = "x".repeat(1025);
+        assert_eq!(field_of(check(&mut w)), "webhook.description");
+        let mut w = sample();
+        w.target_url = "http://example.com".into();
+        assert_eq!(field_of(check(&mut w)), "webhook.target_url");
+        let mut w = sample();
+        w.event_types.clear();
+        assert_eq!(field_of(check(&mut w)), "webhook.event_types");
+        let mut w = sample();
+        w.event_types.push("NOPE".into());
+        assert_eq!(field_of(check(&mut w)), "webhook.event_types[2]");
+        let mut w = sample();
+        w.auth = Auth::Basic {
+            username: "a:b".into(),
+            password: "p".into(),
+        };
+        assert_eq!(field_of(check(&mut w)), "webhook.auth.basic.username");
+    }
+
+    #[test]
+    fn secrets_rotate_with_grace() {
+        let s = SecretRecord::generate(0);
+        assert!(s.current.starts_with(SECRET_PREFIX));
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(&s.current[SECRET_PREFIX.len()..])
+            .unwrap();
+        assert_eq!(decoded.len(), 32);
+        let r = s.rotate(1000, 500);
+        assert_eq!(r.active_secrets(1200), vec![r.current.as_str(), s.current.as_str()]);
+        assert_eq!(r.active_secrets(1500), vec![r.current.as_str()]);
+        assert_eq!(s.rotate(1000, 0).previous, None);
+    }
+}

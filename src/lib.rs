@@ -1,0 +1,30 @@
+//! webhook-router: takes events from internal services over gRPC and
+//! delivers them, durably and in order, to the HTTP listeners customers
+//! register.
+//!
+//! Module map:
+//! - [`config`]: typed configuration (defaults, TOML file, environment), validated once.
+//! - [`error`]: the one error type and its mapping to gRPC status codes.
+//! - [`proto`]: generated protobuf/gRPC code and the reflection descriptor set.
+//! - [`domain`]: webhooks, the event catalog, events, deliveries, ids; no I/O.
+//! - [`store`]: everything on disk (sled): webhooks, secrets, the event log, lanes, delivery log.
+//! - [`api`]: the WebhookAdmin and EventIngest services and token authentication.
+//! - [`delivery`]: lanes, the tower stack (retry, rate limit, auth, timeout), the HTTP client,
+//!   signatures and the destination guard.
+//! - [`server`]: wiring: builds the services and serves them until shutdown.
+//! - [`telemetry`]: logging setup.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod delivery;
+pub mod domain;
+pub mod error;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+pub use server::run;

@@ -1,0 +1,169 @@
+//! Wiring: opens the store, resolves credentials, starts the delivery
+//! engine and serves both gRPC services (plus reflection and health) on a
+//! listener the caller bound, until the shutdown future resolves.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+
+use crate::api::admin::AdminService;
+use crate::api::auth::{interceptor, token_sha256_hex, TokenTable};
+use crate::api::ingest::IngestService;
+use crate::api::AppState;
+use crate::config::{Config, Role, TokenConfig};
+use crate::delivery::Dispatcher;
+use crate::domain::catalog::Catalog;
+use crate::error::{Error, Result};
+use crate::proto::v1::event_ingest_server::EventIngestServer;
+use crate::proto::v1::webhook_admin_server::WebhookAdminServer;
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::store::Store;
+
+/// Name of the file first-start credentials are written to, in `data_dir`.
+pub const INITIAL_CREDENTIALS_FILE: &str = "initial-credentials.toml";
+
+/// Largest gRPC message accepted (a full PublishEvents request).
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Runs the router on `listener` until `shutdown` resolves, then drains:
+/// the server stops accepting, lanes finish or requeue within
+/// `shutdown_grace_ms`, and the store is flushed.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let config = Arc::new(config);
+    let store = open_store_with_retry(&config.data_dir).await?;
+    let tokens = Arc::new(TokenTable::new(&resolve_tokens(&config, &store).await?));
+    let catalog = Arc::new(Catalog::new(&config.event_types));
+    let dispatcher = Dispatcher::start(store.clone(), config.clone(), catalog.clone())?;
+    let state = AppState {
+        config: config.clone(),
+        catalog,
+        store: store.clone(),
+        dispatcher: dispatcher.clone(),
+    };
+
+    let admin = InterceptedService::new(
+        WebhookAdminServer::new(AdminService::new(state.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        interceptor(tokens.clone(), Role::Admin),
+    );
+    let ingest = InterceptedService::new(
+        EventIngestServer::new(IngestService::new(state)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        interceptor(tokens, Role::Ingest),
+    );
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<WebhookAdminServer<AdminService>>().await;
+    health.set_serving::<EventIngestServer<IngestService>>().await;
+
+    let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "webhook-router serving");
+    let served = Server::builder()
+        .add_service(admin)
+        .add_service(ingest)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    tracing::info!("gRPC server stopped; draining deliveries");
+    dispatcher.shutdown().await;
+    store.flush().await?;
+    tracing::info!("store flushed; bye");
+    served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// Opens the store, waiting briefly if a previous instance in this process
+/// still holds the folder's lock.
+async fn open_store_with_retry(dir: &Path) -> Result<Store> {
+    let mut tries = 0;
+    loop {
+        match Store::open(dir) {
+            Err(Error::Unavailable(m)) if tries < 30 && m.contains("lock") => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Configured tokens, or the ones created on first start. With none
+/// configured the service never runs open: it creates an admin and an
+/// ingest token, keeps their hashes in the store and writes the tokens to
+/// `data_dir/initial-credentials.toml` (mode 0600) for the operator.
+async fn resolve_tokens(config: &Config, store: &Store) -> Result<Vec<TokenConfig>> {
+    if !config.tokens.is_empty() {
+        return Ok(config.tokens.clone());
+    }
+    if let Some(saved) = store.bootstrap_tokens()? {
+        tracing::info!(
+            "no tokens configured; using the credentials created on first start (see {})",
+            INITIAL_CREDENTIALS_FILE
+        );
+        return Ok(saved);
+    }
+    let admin = new_token("wr_admin_");
+    let ingest = new_token("wr_ingest_");
+    let path = config.data_dir.join(INITIAL_CREDENTIALS_FILE);
+    let text = format!(
+        "# Created by webhook-router on first start because no [[tokens]] were configured.\n\
+         # Send them as `authorization: Bearer <token>` metadata. Move them into your\n\
+         # config (preferably as token_sha256) and delete this file.\n\n\
+         [[tokens]]\ntoken = \"{admin}\"\nrole = \"admin\"\n\n\
+         [[tokens]]\ntoken = \"{ingest}\"\nrole = \"ingest\"\n"
+    );
+    write_private(&path, &text).map_err(|e| Error::Unavailable(format!("cannot write {}: {e}", path.display())))?;
+    let hashed: Vec<TokenConfig> = [(admin, Role::Admin), (ingest, Role::Ingest)]
+        .into_iter()
+        .map(|(t, role)| TokenConfig {
+            token: None,
+            token_sha256: Some(token_sha256_hex(&t)),
+            role,
+            account_ids: None,
+        })
+        .collect();
+    store.set_bootstrap_tokens(&hashed).await?;
+    tracing::warn!(
+        path = %path.display(),
+        "no tokens configured: created an admin and an ingest token and wrote them to this file"
+    );
+    Ok(hashed)
+}
+
+fn new_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}

@@ -1,0 +1,239 @@
+//! Lane state and delivery records. A lane's state is its cursor (the last
+//! log position taken into a delivery), the delivery at its head while that
+//! one is unfinished, and deliveries an operator requeued.
+
+use serde::{Deserialize, Serialize};
+
+use super::Store;
+use crate::domain::delivery::{DeliveryRecord, DeliveryState, ModeTag};
+use crate::error::Result;
+
+const LANE: u8 = b'L';
+const DELIVERY: u8 = b'D';
+
+/// Persistent state of one lane (webhook × mode).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneState {
+    /// Last log sequence number taken into a delivery or skipped.
+    pub cursor: u64,
+    /// The unfinished delivery being attempted, if any.
+    pub head: Option<String>,
+    /// Operator-requeued deliveries, sent before new events.
+    #[serde(default)]
+    pub requeued: Vec<String>,
+}
+
+/// One page of a delivery listing.
+#[derive(Debug, Clone)]
+pub struct DeliveryPage {
+    /// Records, newest first.
+    pub deliveries: Vec<DeliveryRecord>,
+    /// Id of the last record returned, when more may follow.
+    pub next_after: Option<String>,
+}
+
+fn mode_byte(m: ModeTag) -> u8 {
+    match m {
+        ModeTag::Realtime => b'r',
+        ModeTag::Batch => b'b',
+    }
+}
+
+fn lane_key(webhook_id: &str, mode: ModeTag) -> Vec<u8> {
+    let mut k = Vec::with_capacity(webhook_id.len() + 3);
+    k.push(LANE);
+    k.extend_from_slice(webhook_id.as_bytes());
+    k.push(b'/');
+    k.push(mode_byte(mode));
+    k
+}
+
+fn delivery_prefix(webhook_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(webhook_id.len() + 40);
+    k.push(DELIVERY);
+    k.extend_from_slice(webhook_id.as_bytes());
+    k.push(b'/');
+    k
+}
+
+fn delivery_key(webhook_id: &str, delivery_id: &str) -> Vec<u8> {
+    let mut k = delivery_prefix(webhook_id);
+    k.extend_from_slice(delivery_id.as_bytes());
+    k
+}
+
+impl Store {
+    /// A lane's state, or None for a lane never used.
+    pub fn lane(&self, webhook_id: &str, mode: ModeTag) -> Result<Option<LaneState>> {
+        match self.inner.lanes.get(lane_key(webhook_id, mode))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a lane's state and, optionally, delivery records, atomically.
+    /// Not flushed: a crash may repeat a delivery (at-least-once), never lose one.
+    pub fn save_lane(
+        &self,
+        webhook_id: &str,
+        mode: ModeTag,
+        lane: &LaneState,
+        records: &[&DeliveryRecord],
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(lane_key(webhook_id, mode), serde_json::to_vec(lane)?);
+        for r in records {
+            batch.insert(delivery_key(&r.webhook_id, &r.id), serde_json::to_vec(r)?);
+        }
+        self.inner.lanes.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Writes one delivery record.
+    pub fn save_delivery(&self, r: &DeliveryRecord) -> Result<()> {
+        self.inner
+            .lanes
+            .insert(delivery_key(&r.webhook_id, &r.id), serde_json::to_vec(r)?)?;
+        Ok(())
+    }
+
+    /// One delivery record.
+    pub fn delivery(&self, webhook_id: &str, delivery_id: &str) -> Result<Option<DeliveryRecord>> {
+        match self.inner.lanes.get(delivery_key(webhook_id, delivery_id))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Deliveries of a webhook, newest first, optionally in one state, after
+    /// (older than) `after`.
+    pub fn list_deliveries(
+        &self,
+        webhook_id: &str,
+        state: Option<DeliveryState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<DeliveryPage> {
+        let prefix = delivery_prefix(webhook_id);
+        let end = match after {
+            Some(id) => delivery_key(webhook_id, id),
+            None => {
+                let mut e = prefix.clone();
+                e.push(0xff);
+                e
+            }
+        };
+        let mut deliveries = Vec::new();
+        let mut next_after = None;
+        for item in self.inner.lanes.range(prefix.clone()..end).rev() {
+            let (_, v) = item?;
+            let r: DeliveryRecord = serde_json::from_slice(&v)?;
+            if state.is_some_and(|s| s != r.state) {
+                continue;
+            }
+            if deliveries.len() == limit {
+                next_after = deliveries.last().map(|d: &DeliveryRecord| d.id.clone());
+                break;
+            }
+            deliveries.push(r);
+        }
+        Ok(DeliveryPage {
+            deliveries,
+            next_after,
+        })
+    }
+
+    /// Queues copies of past deliveries on their lanes. Returns the new records.
+    pub fn requeue(
+        &self,
+        webhook_id: &str,
+        originals: &[DeliveryRecord],
+        now_ms: i64,
+    ) -> Result<Vec<DeliveryRecord>> {
+        let mut created = Vec::new();
+        let mut lanes: Vec<(ModeTag, LaneState)> = Vec::new();
+        for o in originals {
+            let copy = DeliveryRecord {
+                id: crate::domain::ids::new_id(crate::domain::ids::DELIVERY_PREFIX),
+                state: DeliveryState::Pending,
+                attempts: Vec::new(),
+                attempt_count: 0,
+                first_attempt_ms: 0,
+                next_attempt_ms: 0,
+                create_time_ms: now_ms,
+                redelivery: true,
+                ..o.clone()
+            };
+            let lane = match lanes.iter_mut().find(|(m, _)| *m == o.mode) {
+                Some((_, l)) => l,
+                None => {
+                    let l = self.lane(webhook_id, o.mode)?.unwrap_or_default();
+                    lanes.push((o.mode, l));
+                    &mut lanes.last_mut().expect("just pushed").1
+                }
+            };
+            lane.requeued.push(copy.id.clone());
+            created.push(copy);
+        }
+        let mut batch = sled::Batch::default();
+        for (mode, lane) in &lanes {
+            batch.insert(lane_key(webhook_id, *mode), serde_json::to_vec(lane)?);
+        }
+        for r in &created {
+            batch.insert(delivery_key(webhook_id, &r.id), serde_json::to_vec(r)?);
+        }
+        self.inner.lanes.apply_batch(batch)?;
+        Ok(created)
+    }
+
+    /// Removes finished delivery records created before `before_ms`, at most
+    /// `limit`. Returns how many were removed.
+    pub fn purge_deliveries(&self, before_ms: i64, limit: usize) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.inner.lanes.range(vec![DELIVERY]..vec![DELIVERY + 1]) {
+            let (k, v) = item?;
+            let r: DeliveryRecord = serde_json::from_slice(&v)?;
+            if r.create_time_ms < before_ms
+                && matches!(r.state, DeliveryState::Delivered | DeliveryState::Dead)
+            {
+                batch.remove(k);
+                n += 1;
+                if n >= limit {
+                    break;
+                }
+            }
+        }
+        if n > 0 {
+            self.inner.lanes.apply_batch(batch)?;
+        }
+        Ok(n)
+    }
+
+    /// Lowest cursor among the lanes of the given webhooks (None: no lanes).
+    pub fn min_cursor(&self, webhook_ids: &[String]) -> Result<Option<u64>> {
+        let mut min: Option<u64> = None;
+        for id in webhook_ids {
+            for mode in [ModeTag::Realtime, ModeTag::Batch] {
+                if let Some(l) = self.lane(id, mode)? {
+                    // A lane with a head or requeued work may still need older events.
+                    let c = if l.head.is_some() || !l.requeued.is_empty() { 0 } else { l.cursor };
+                    min = Some(min.map_or(c, |m| m.min(c)));
+                }
+            }
+        }
+        Ok(min)
+    }
+
+    pub(super) fn remove_lanes_and_deliveries(&self, webhook_id: &str) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for mode in [ModeTag::Realtime, ModeTag::Batch] {
+            batch.remove(lane_key(webhook_id, mode));
+        }
+        for item in self.inner.lanes.scan_prefix(delivery_prefix(webhook_id)) {
+            batch.remove(item?.0);
+        }
+        self.inner.lanes.apply_batch(batch)?;
+        Ok(())
+    }
+}
