@@ -19,11 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("webhooks_v1_descriptor.bin"))
-        .compile_with_config(
-            config,
-            &protos.map(PathBuf::from),
-            &includes,
-        )?;
+        .compile_with_config(config, &protos.map(PathBuf::from), &includes)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -214,14 +214,19 @@ impl Config {
 
     /// Parsed listen address (validated by [`Config::validate`]).
     pub fn listen_addr(&self) -> SocketAddr {
-        self.listen.parse().expect("listen address validated at load")
+        self.listen
+            .parse()
+            .expect("listen address validated at load")
     }
 
     /// Checks every value; the message names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
         if self.listen.parse::<SocketAddr>().is_err() {
-            return bad("listen", "must be an IP:port socket address, e.g. 127.0.0.1:50051");
+            return bad(
+                "listen",
+                "must be an IP:port socket address, e.g. 127.0.0.1:50051",
+            );
         }
         if self.data_dir.as_os_str().is_empty() {
             return bad("data_dir", "must not be empty");
@@ -266,7 +271,10 @@ impl Config {
             match (&t.token, &t.token_sha256) {
                 (Some(tok), None) if tok.len() >= 16 => {}
                 (Some(_), None) => {
-                    return bad(&format!("tokens[{i}].token"), "must be at least 16 characters")
+                    return bad(
+                        &format!("tokens[{i}].token"),
+                        "must be at least 16 characters",
+                    )
                 }
                 (None, Some(h)) if h.len() == 64 && hex::decode(h).is_ok() => {}
                 (None, Some(_)) => {
@@ -389,19 +397,26 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let e = Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__LISTEN", "nope")])).unwrap_err();
+        let e =
+            Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__LISTEN", "nope")])).unwrap_err();
         assert!(e.0.starts_with("listen:"), "{e}");
         let e = Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__LISTN", "x")])).unwrap_err();
         assert!(e.0.contains("listn"), "{e}");
         let e = Config::load_with_env(
             None,
-            env(&[("WEBHOOK_ROUTER__TOKENS", r#"[{token_sha256 = "zz", role = "admin"}]"#)]),
+            env(&[(
+                "WEBHOOK_ROUTER__TOKENS",
+                r#"[{token_sha256 = "zz", role = "admin"}]"#,
+            )]),
         )
         .unwrap_err();
         assert!(e.0.contains("tokens[0].token_sha256"), "{e}");
         let e = Config::load_with_env(
             None,
-            env(&[("WEBHOOK_ROUTER__EVENT_TYPES", r#"[{name = "COURSE_ENROLLMENT", mode = "batch"}]"#)]),
+            env(&[(
+                "WEBHOOK_ROUTER__EVENT_TYPES",
+                r#"[{name = "COURSE_ENROLLMENT", mode = "batch"}]"#,
+            )]),
         )
         .unwrap_err();
         assert!(e.0.contains("already in the catalog"), "{e}");
@@ -411,7 +426,10 @@ mod tests {
     fn masked_output_hides_tokens() {
         let c = Config::load_with_env(
             None,
-            env(&[("WEBHOOK_ROUTER__TOKENS", r#"[{token = "supersecrettoken1", role = "ingest"}]"#)]),
+            env(&[(
+                "WEBHOOK_ROUTER__TOKENS",
+                r#"[{token = "supersecrettoken1", role = "ingest"}]"#,
+            )]),
         )
         .unwrap();
         let text = c.to_masked_toml();

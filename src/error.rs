@@ -85,7 +85,8 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         match e {
             Error::InvalidArgument { field, reason } => {
-                let details = ErrorDetails::with_bad_request_violation(field.clone(), reason.clone());
+                let details =
+                    ErrorDetails::with_bad_request_violation(field.clone(), reason.clone());
                 Status::with_error_details(
                     Code::InvalidArgument,
                     format!("{field}: {reason}"),

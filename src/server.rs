@@ -52,37 +52,67 @@ pub async fn run(
     };
 
     let admin = InterceptedService::new(
-        WebhookAdminServer::new(AdminService::new(state.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        WebhookAdminServer::new(AdminService::new(state.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         interceptor(tokens.clone(), Role::Admin),
     );
     let ingest = InterceptedService::new(
-        EventIngestServer::new(IngestService::new(state)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        EventIngestServer::new(IngestService::new(state))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         interceptor(tokens, Role::Ingest),
     );
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<WebhookAdminServer<AdminService>>().await;
-    health.set_serving::<EventIngestServer<IngestService>>().await;
+    health
+        .set_serving::<WebhookAdminServer<AdminService>>()
+        .await;
+    health
+        .set_serving::<EventIngestServer<IngestService>>()
+        .await;
 
-    let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "webhook-router serving");
-    let served = Server::builder()
+    // The signal stops accepting at once; connections still open (watch
+    // streams, idle clients) get shutdown_grace_ms to finish, then are dropped.
+    let (signal_tx, mut signal_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signal_tx.send(true);
+    });
+    let mut graceful = signal_rx.clone();
+    let serve = Server::builder()
         .add_service(admin)
         .add_service(ingest)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(health_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = graceful.wait_for(|s| *s).await;
+        });
+    let grace = std::time::Duration::from_millis(config.shutdown_grace_ms);
+    let served = tokio::select! {
+        r = serve => r,
+        _ = async {
+            let _ = signal_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("connections still open after the grace period; closing them");
+            Ok(())
+        }
+    };
     tracing::info!("gRPC server stopped; draining deliveries");
     dispatcher.shutdown().await;
     store.flush().await?;
@@ -130,7 +160,8 @@ async fn resolve_tokens(config: &Config, store: &Store) -> Result<Vec<TokenConfi
          [[tokens]]\ntoken = \"{admin}\"\nrole = \"admin\"\n\n\
          [[tokens]]\ntoken = \"{ingest}\"\nrole = \"ingest\"\n"
     );
-    write_private(&path, &text).map_err(|e| Error::Unavailable(format!("cannot write {}: {e}", path.display())))?;
+    write_private(&path, &text)
+        .map_err(|e| Error::Unavailable(format!("cannot write {}: {e}", path.display())))?;
     let hashed: Vec<TokenConfig> = [(admin, Role::Admin), (ingest, Role::Ingest)]
         .into_iter()
         .map(|(t, role)| TokenConfig {

@@ -46,7 +46,12 @@ impl AdminService {
             .ok_or_else(|| Error::NotFound(format!("webhook {webhook_id}")))
     }
 
-    async fn set_active(&self, account_id: u64, webhook_id: &str, active: bool) -> Result<pb::Webhook> {
+    async fn set_active(
+        &self,
+        account_id: u64,
+        webhook_id: &str,
+        active: bool,
+    ) -> Result<pb::Webhook> {
         check_webhook_id(webhook_id, "webhook_id")?;
         let w = self
             .state
@@ -106,7 +111,13 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
             "name" => dst.name = src.name.clone(),
             "description" => dst.description = src.description.clone(),
             "target_url" => dst.target_url = src.target_url.trim().to_string(),
-            "event_types" => dst.event_types = src.event_types.iter().map(|t| t.trim().to_string()).collect(),
+            "event_types" => {
+                dst.event_types = src
+                    .event_types
+                    .iter()
+                    .map(|t| t.trim().to_string())
+                    .collect()
+            }
             "auth" => {
                 let mut new_auth = convert::auth_from_proto(src.auth.as_ref());
                 // An empty password keeps the stored one for the same user.
@@ -124,15 +135,13 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
                 }
                 dst.auth = new_auth;
             }
-            other => {
-                return Err(Error::invalid(
-                    format!("update_mask.paths[{i}]"),
-                    format!(
-                        "{:?} cannot be updated (use name, description, target_url, auth, event_types)",
-                        webhook::truncate(other, 64)
-                    ),
-                ))
-            }
+            other => return Err(Error::invalid(
+                format!("update_mask.paths[{i}]"),
+                format!(
+                    "{:?} cannot be updated (use name, description, target_url, auth, event_types)",
+                    webhook::truncate(other, 64)
+                ),
+            )),
         }
     }
     Ok(())
@@ -148,7 +157,10 @@ impl WebhookAdmin for AdminService {
     ) -> Result<Response<pb::CreateWebhookResponse>, Status> {
         let r = req.get_ref();
         authorize_account(&req, r.account_id)?;
-        let src = r.webhook.as_ref().ok_or_else(|| Error::invalid("webhook", "is required"))?;
+        let src = r
+            .webhook
+            .as_ref()
+            .ok_or_else(|| Error::invalid("webhook", "is required"))?;
         let now = now_ms();
         let mut w = convert::webhook_from_proto(r.account_id, src, now);
         webhook::validate(&mut w, self.rules(), "webhook")?;
@@ -156,7 +168,11 @@ impl WebhookAdmin for AdminService {
         let secret = (w.auth == Auth::Signature).then(|| SecretRecord::generate(now));
         self.state
             .store
-            .create_webhook(&w, secret.as_ref(), self.state.config.limits.max_webhooks_per_account)
+            .create_webhook(
+                &w,
+                secret.as_ref(),
+                self.state.config.limits.max_webhooks_per_account,
+            )
             .await?;
         self.state.dispatcher.refresh(w.account_id, &w.id);
         tracing::info!(account_id = w.account_id, webhook_id = %w.id, "webhook created");
@@ -185,10 +201,17 @@ impl WebhookAdmin for AdminService {
         authorize_account(&req, r.account_id)?;
         let limit = page_size(r.page_size, 50, 1000)?;
         let after = parse_page_token("wh", &r.page_token)?;
-        let (items, more) = self
-            .state
-            .store
-            .list_webhooks(r.account_id, after.as_deref(), limit)?;
+        if let Some(a) = &after {
+            if !ids::is_valid(WEBHOOK_PREFIX, a) {
+                return Err(
+                    Error::invalid("page_token", "not a token returned by this call").into(),
+                );
+            }
+        }
+        let (items, more) =
+            self.state
+                .store
+                .list_webhooks(r.account_id, after.as_deref(), limit)?;
         let next_page_token = match (more, items.last()) {
             (true, Some(last)) => page_token("wh", &last.id),
             _ => String::new(),
@@ -205,9 +228,16 @@ impl WebhookAdmin for AdminService {
     ) -> Result<Response<pb::UpdateWebhookResponse>, Status> {
         let r = req.get_ref();
         authorize_account(&req, r.account_id)?;
-        let src = r.webhook.as_ref().ok_or_else(|| Error::invalid("webhook", "is required"))?;
+        let src = r
+            .webhook
+            .as_ref()
+            .ok_or_else(|| Error::invalid("webhook", "is required"))?;
         check_webhook_id(&src.id, "webhook.id")?;
-        let paths = r.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        let paths = r
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
         let rules = self.rules();
         let w = self
             .state
@@ -217,7 +247,8 @@ impl WebhookAdmin for AdminService {
                 webhook::validate(w, rules, "webhook")?;
                 let now = now_ms();
                 w.update_time_ms = now;
-                Ok((w.auth == Auth::Signature && secret.is_none()).then(|| SecretRecord::generate(now)))
+                Ok((w.auth == Auth::Signature && secret.is_none())
+                    .then(|| SecretRecord::generate(now)))
             })
             .await?;
         self.state.dispatcher.refresh(r.account_id, &w.id);
@@ -232,13 +263,19 @@ impl WebhookAdmin for AdminService {
     ) -> Result<Response<pb::DeleteWebhookResponse>, Status> {
         let r = req.get_ref();
         authorize_account(&req, r.account_id)?;
-        check_webhook_id(&r.webhook_id, "webhook_id")?;
+        // Only touch lanes of a webhook of this account: stopping them for
+        // another account's id would silence that webhook until a restart.
+        self.load(r.account_id, &r.webhook_id)?;
         // Stop the lanes first so no attempt races the deletion.
         self.state.dispatcher.remove(&r.webhook_id).await;
-        self.state.store.delete_webhook(r.account_id, &r.webhook_id).await.inspect_err(|_| {
-            // Not deleted (e.g. not found): let the lanes run again if it exists.
-            self.state.dispatcher.refresh(r.account_id, &r.webhook_id);
-        })?;
+        self.state
+            .store
+            .delete_webhook(r.account_id, &r.webhook_id)
+            .await
+            .inspect_err(|_| {
+                // Not deleted (e.g. not found): let the lanes run again if it exists.
+                self.state.dispatcher.refresh(r.account_id, &r.webhook_id);
+            })?;
         tracing::info!(account_id = r.account_id, webhook_id = %r.webhook_id, "webhook deleted");
         Ok(Response::new(pb::DeleteWebhookResponse {}))
     }
@@ -323,7 +360,8 @@ impl WebhookAdmin for AdminService {
             })
             .await?;
         self.state.dispatcher.refresh(r.account_id, &r.webhook_id);
-        let secret = rotated.ok_or_else(|| Error::Internal("rotation produced no secret".into()))?;
+        let secret =
+            rotated.ok_or_else(|| Error::Internal("rotation produced no secret".into()))?;
         tracing::info!(account_id = r.account_id, webhook_id = %r.webhook_id, "webhook secret rotated");
         Ok(Response::new(pb::RotateWebhookSecretResponse {
             secret: Some(convert::secret_to_proto(&r.webhook_id, &secret, now)),
@@ -347,7 +385,10 @@ impl WebhookAdmin for AdminService {
         };
         let end = (start + limit).min(entries.len());
         Ok(Response::new(pb::ListEventTypesResponse {
-            event_types: entries[start..end].iter().map(convert::event_type_to_proto).collect(),
+            event_types: entries[start..end]
+                .iter()
+                .map(convert::event_type_to_proto)
+                .collect(),
             next_page_token: if end < entries.len() {
                 page_token("et", &end.to_string())
             } else {
@@ -384,9 +425,15 @@ impl WebhookAdmin for AdminService {
         } else if self.state.catalog.mode(&r.event_name).is_some() {
             r.event_name.clone()
         } else {
-            return Err(Error::invalid("event_name", "unknown event type (see ListEventTypes)").into());
+            return Err(
+                Error::invalid("event_name", "unknown event type (see ListEventTypes)").into(),
+            );
         };
-        let outcome = self.state.dispatcher.test_webhook(&w, secret.as_ref(), &event_name).await;
+        let outcome = self
+            .state
+            .dispatcher
+            .test_webhook(&w, secret.as_ref(), &event_name)
+            .await;
         Ok(Response::new(pb::TestWebhookResponse {
             success: outcome.success,
             status_code: u32::from(outcome.status_code),
@@ -408,16 +455,25 @@ impl WebhookAdmin for AdminService {
         let after = parse_page_token("msg", &r.page_token)?;
         if let Some(a) = &after {
             if !ids::is_valid(DELIVERY_PREFIX, a) {
-                return Err(Error::invalid("page_token", "not a token returned by this call").into());
+                return Err(
+                    Error::invalid("page_token", "not a token returned by this call").into(),
+                );
             }
         }
-        let page = self
-            .state
-            .store
-            .list_deliveries(&r.webhook_id, state, after.as_deref(), limit)?;
+        let page =
+            self.state
+                .store
+                .list_deliveries(&r.webhook_id, state, after.as_deref(), limit)?;
         Ok(Response::new(pb::ListDeliveriesResponse {
-            deliveries: page.deliveries.iter().map(convert::delivery_to_proto).collect(),
-            next_page_token: page.next_after.map(|a| page_token("msg", &a)).unwrap_or_default(),
+            deliveries: page
+                .deliveries
+                .iter()
+                .map(convert::delivery_to_proto)
+                .collect(),
+            next_page_token: page
+                .next_after
+                .map(|a| page_token("msg", &a))
+                .unwrap_or_default(),
         }))
     }
 
@@ -495,18 +551,25 @@ impl WebhookAdmin for AdminService {
         let account_id = r.account_id;
         let webhook_id = r.webhook_id.clone();
         let rx = self.state.dispatcher.subscribe_outcomes();
-        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| match item {
-            Ok(d) if d.account_id == account_id && (webhook_id.is_empty() || d.webhook_id == webhook_id) => {
-                Some(Ok(pb::WatchDeliveriesResponse {
-                    delivery: Some(convert::delivery_to_proto(&d)),
-                }))
-            }
-            Ok(_) => None,
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                tracing::warn!(skipped = n, "WatchDeliveries consumer too slow; outcomes skipped");
-                None
-            }
-        });
+        let stream =
+            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| match item {
+                Ok(d)
+                    if d.account_id == account_id
+                        && (webhook_id.is_empty() || d.webhook_id == webhook_id) =>
+                {
+                    Some(Ok(pb::WatchDeliveriesResponse {
+                        delivery: Some(convert::delivery_to_proto(&d)),
+                    }))
+                }
+                Ok(_) => None,
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        skipped = n,
+                        "WatchDeliveries consumer too slow; outcomes skipped"
+                    );
+                    None
+                }
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -95,12 +95,20 @@ pub fn interceptor(
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Status::from(Error::Unauthenticated("missing authorization: Bearer <token>")))?;
+            .ok_or_else(|| {
+                Status::from(Error::Unauthenticated(
+                    "missing authorization: Bearer <token>",
+                ))
+            })?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .map(str::trim)
-            .ok_or_else(|| Status::from(Error::Unauthenticated("authorization must be Bearer <token>")))?;
+            .ok_or_else(|| {
+                Status::from(Error::Unauthenticated(
+                    "authorization must be Bearer <token>",
+                ))
+            })?;
         let principal = table
             .authenticate(token)
             .ok_or_else(|| Status::from(Error::Unauthenticated("unknown token")))?;
@@ -109,7 +117,9 @@ pub fn interceptor(
                 Role::Admin => "admin",
                 Role::Ingest => "ingest",
             };
-            return Err(Error::PermissionDenied(format!("this service needs an {need} token")).into());
+            return Err(
+                Error::PermissionDenied(format!("this service needs an {need} token")).into(),
+            );
         }
         req.extensions_mut().insert(principal);
         Ok(req)
@@ -124,7 +134,9 @@ pub fn authorize_account<T>(req: &Request<T>, account_id: u64) -> Result<()> {
     let principal = req
         .extensions()
         .get::<Principal>()
-        .ok_or(Error::Unauthenticated("missing authorization: Bearer <token>"))?;
+        .ok_or(Error::Unauthenticated(
+            "missing authorization: Bearer <token>",
+        ))?;
     match &principal.accounts {
         Some(set) if !set.contains(&account_id) => Err(Error::PermissionDenied(format!(
             "token may not act on account {account_id}"

@@ -149,7 +149,10 @@ pub fn state_filter(raw: i32) -> Result<Option<DeliveryState>> {
         Ok(pb::DeliveryState::Retrying) => Ok(Some(DeliveryState::Retrying)),
         Ok(pb::DeliveryState::Delivered) => Ok(Some(DeliveryState::Delivered)),
         Ok(pb::DeliveryState::Dead) => Ok(Some(DeliveryState::Dead)),
-        Err(_) => Err(Error::invalid("state", format!("unknown delivery state {raw}"))),
+        Err(_) => Err(Error::invalid(
+            "state",
+            format!("unknown delivery state {raw}"),
+        )),
     }
 }
 
@@ -227,13 +230,20 @@ fn write_value(out: &mut String, v: &Value, path: &str) -> Result<()> {
         Some(Kind::StringValue(s)) => push_json_string(out, s),
         Some(Kind::NumberValue(n)) => {
             if !n.is_finite() {
-                return Err(Error::invalid(path, "NaN and infinity are not valid JSON numbers"));
+                return Err(Error::invalid(
+                    path,
+                    "NaN and infinity are not valid JSON numbers",
+                ));
             }
             if n.fract() == 0.0 && n.abs() <= MAX_EXACT_INT {
                 out.push_str(&(*n as i64).to_string());
             } else {
                 // serde_json writes the shortest round-tripping form.
-                out.push_str(&serde_json::Number::from_f64(*n).map(|x| x.to_string()).unwrap_or_default());
+                out.push_str(
+                    &serde_json::Number::from_f64(*n)
+                        .map(|x| x.to_string())
+                        .unwrap_or_default(),
+                );
             }
         }
         Some(Kind::StructValue(s)) => write_struct(out, s, path)?,

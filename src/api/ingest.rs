@@ -41,7 +41,9 @@ impl IngestService {
             .store
             .append_events(r.account_id, &events, now_ms())
             .await?;
-        self.state.dispatcher.events_appended(r.account_id, last_seq);
+        self.state
+            .dispatcher
+            .events_appended(r.account_id, last_seq);
         Ok(pb::PublishEventsResponse {
             results: outcomes
                 .into_iter()
@@ -81,7 +83,10 @@ pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Resul
             ));
         }
         if e.event_name.is_empty() {
-            return Err(Error::invalid(format!("events[{i}].event_name"), "is required"));
+            return Err(Error::invalid(
+                format!("events[{i}].event_name"),
+                "is required",
+            ));
         }
         if state.catalog.mode(&e.event_name).is_none() {
             return Err(Error::invalid(

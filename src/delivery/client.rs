@@ -13,8 +13,8 @@ use bytes::{Bytes, BytesMut};
 use tower::{BoxError, Service};
 
 use super::guard;
-use super::stack::{DeliveryRequest, HttpResponse, SendError};
 use super::retry::parse_retry_after;
+use super::stack::{DeliveryRequest, HttpResponse, SendError};
 
 /// Bytes of the response body kept for the log and TestWebhook.
 pub const KEPT_BODY_BYTES: usize = 1024;
@@ -29,9 +29,11 @@ impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let allow = self.allow_private;
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let kept = guard::filter_resolved(addrs, allow)
-                .map_err(|e| Box::new(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)) as BoxError)?;
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let kept = guard::filter_resolved(addrs, allow).map_err(|e| {
+                Box::new(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)) as BoxError
+            })?;
             Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -126,7 +128,10 @@ impl HttpClient {
                     if (200..300).contains(&status) {
                         break;
                     }
-                    return Err(SendError::Other(format!("reading response body: {}", error_chain(&e))));
+                    return Err(SendError::Other(format!(
+                        "reading response body: {}",
+                        error_chain(&e)
+                    )));
                 }
             }
         }

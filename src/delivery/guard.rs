@@ -44,7 +44,10 @@ pub fn check_ip(ip: IpAddr, allow_private: bool) -> Result<(), String> {
 }
 
 /// Keeps the resolved addresses a request may connect to.
-pub fn filter_resolved(addrs: Vec<SocketAddr>, allow_private: bool) -> Result<Vec<SocketAddr>, String> {
+pub fn filter_resolved(
+    addrs: Vec<SocketAddr>,
+    allow_private: bool,
+) -> Result<Vec<SocketAddr>, String> {
     let total = addrs.len();
     let kept: Vec<SocketAddr> = addrs
         .into_iter()
@@ -94,7 +97,7 @@ fn is_global_v6(ip: Ipv6Addr) -> bool {
         return false;
     }
     match seg[0] {
-        0x0000 => false,                               // IPv4-compatible and other reserved
+        0x0000 => false, // IPv4-compatible and other reserved
         0x0064 if seg[1] == 0xff9b => {
             // NAT64: judge the embedded IPv4 address.
             is_global_v4(Ipv4Addr::new(
@@ -104,18 +107,19 @@ fn is_global_v6(ip: Ipv6Addr) -> bool {
                 seg[7] as u8,
             ))
         }
-        0x0100 => false,                               // discard-only
-        0x2001 if seg[1] < 0x0200 => false,            // Teredo, benchmarking, ORCHID...
-        0x2001 if seg[1] == 0x0db8 => false,           // documentation
-        0x2002 => is_global_v4(Ipv4Addr::new(          // 6to4: the embedded address
+        0x0100 => false,                     // discard-only
+        0x2001 if seg[1] < 0x0200 => false,  // Teredo, benchmarking, ORCHID...
+        0x2001 if seg[1] == 0x0db8 => false, // documentation
+        0x2002 => is_global_v4(Ipv4Addr::new(
+            // 6to4: the embedded address
             (seg[1] >> 8) as u8,
             seg[1] as u8,
             (seg[2] >> 8) as u8,
             seg[2] as u8,
         )),
-        s if s & 0xfe00 == 0xfc00 => false,            // unique local
-        s if s & 0xffc0 == 0xfe80 => false,            // link-local
-        s if s & 0xffc0 == 0xfec0 => false,            // site-local (deprecated)
+        s if s & 0xfe00 == 0xfc00 => false, // unique local
+        s if s & 0xffc0 == 0xfe80 => false, // link-local
+        s if s & 0xffc0 == 0xfec0 => false, // site-local (deprecated)
         _ => true,
     }
 }
@@ -134,15 +138,18 @@ mod tests {
             "https://[::ffff:127.0.0.1]/",
             "https://[fe80::1]/",
             "https://[fd00::1]/",
-            "https://2130706433/",   // decimal 127.0.0.1
-            "https://0x7f.0.0.1/",   // hex
-            "https://0177.0.0.1/",   // octal
+            "https://2130706433/", // decimal 127.0.0.1
+            "https://0x7f.0.0.1/", // hex
+            "https://0177.0.0.1/", // octal
             "https://localhost/",
             "https://api.localhost./",
             "https://100.64.0.1/",
             "https://0.0.0.0/",
         ] {
-            assert!(check_target_url(url, false).is_err(), "{url} should be refused");
+            assert!(
+                check_target_url(url, false).is_err(),
+                "{url} should be refused"
+            );
         }
     }
 
@@ -159,7 +166,9 @@ mod tests {
 
     #[test]
     fn scheme_and_credentials_rules() {
-        assert!(check_target_url("http://example.com/", false).unwrap_err().contains("https"));
+        assert!(check_target_url("http://example.com/", false)
+            .unwrap_err()
+            .contains("https"));
         assert!(check_target_url("ftp://example.com/", true).is_err());
         assert!(check_target_url("https://u:p@example.com/", false)
             .unwrap_err()
@@ -173,7 +182,10 @@ mod tests {
         let private: SocketAddr = "10.0.0.1:443".parse().unwrap();
         let public: SocketAddr = "93.184.216.34:443".parse().unwrap();
         assert!(filter_resolved(vec![private], false).is_err());
-        assert_eq!(filter_resolved(vec![private, public], false).unwrap(), vec![public]);
+        assert_eq!(
+            filter_resolved(vec![private, public], false).unwrap(),
+            vec![public]
+        );
         assert_eq!(filter_resolved(vec![private], true).unwrap(), vec![private]);
     }
 }

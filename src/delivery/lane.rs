@@ -63,7 +63,8 @@ impl Lane {
                     return;
                 }
             };
-            let interval = Duration::from_millis(self.dispatcher.inner.config.delivery.batch_interval_ms);
+            let interval =
+                Duration::from_millis(self.dispatcher.inner.config.delivery.batch_interval_ms);
             let mut next_batch = Instant::now() + interval;
             loop {
                 match self.step(&mut state, &mut next_batch, interval).await {
@@ -143,7 +144,12 @@ impl Lane {
         }
     }
 
-    async fn step(&mut self, state: &mut LaneState, next_batch: &mut Instant, interval: Duration) -> Result<Flow> {
+    async fn step(
+        &mut self,
+        state: &mut LaneState,
+        next_batch: &mut Instant,
+        interval: Duration,
+    ) -> Result<Flow> {
         if self.stopping() {
             return Ok(Flow::Exit);
         }
@@ -158,10 +164,9 @@ impl Lane {
             return self.deliver_head(&snap, state, &head).await;
         }
         let store = self.dispatcher.inner.store.clone();
-        if !state.requeued.is_empty() {
-            let id = state.requeued.remove(0);
-            state.head = Some(id);
-            store.save_lane(&self.webhook_id, self.tag(), state, &[])?;
+        if let Some(id) = store.next_requeued(&self.webhook_id, self.tag())? {
+            state.head = Some(id.clone());
+            store.take_requeued(&self.webhook_id, self.tag(), state, &id)?;
             return Ok(Flow::Continue);
         }
         let catalog = &self.dispatcher.inner.catalog;
@@ -182,7 +187,8 @@ impl Lane {
             return Ok(self.wait(None, true).await);
         }
         let max = self.dispatcher.inner.config.delivery.max_events_per_payload as usize;
-        let (events, scanned_to) = store.read_events(self.account_id, state.cursor, &types, max, SCAN_LIMIT)?;
+        let (events, scanned_to) =
+            store.read_events(self.account_id, state.cursor, &types, max, SCAN_LIMIT)?;
         if events.is_empty() {
             if scanned_to > state.cursor {
                 state.cursor = scanned_to;
@@ -219,7 +225,12 @@ impl Lane {
         Ok(Flow::Continue)
     }
 
-    async fn deliver_head(&mut self, snap: &Arc<WebhookSnapshot>, state: &mut LaneState, head: &str) -> Result<Flow> {
+    async fn deliver_head(
+        &mut self,
+        snap: &Arc<WebhookSnapshot>,
+        state: &mut LaneState,
+        head: &str,
+    ) -> Result<Flow> {
         let inner = self.dispatcher.inner.clone();
         let store = &inner.store;
         let Some(mut record) = store.delivery(&self.webhook_id, head)? else {
@@ -326,7 +337,9 @@ impl Lane {
         tracing::debug!(delivery_id = %r.id, events = r.event_ids.len(), state = ?r.state, "delivery finished");
         let _ = inner.outcomes.send(r);
         if let Some(reason) = disable_reason {
-            self.dispatcher.disable(self.account_id, &self.webhook_id, reason).await;
+            self.dispatcher
+                .disable(self.account_id, &self.webhook_id, reason)
+                .await;
         }
         Ok(Flow::Continue)
     }

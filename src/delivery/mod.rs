@@ -117,10 +117,14 @@ impl Dispatcher {
     /// Reloads a webhook from the store and hands it to its lanes (starting
     /// them if needed). Call after every change to a webhook or its secret.
     pub fn refresh(&self, account_id: u64, webhook_id: &str) {
-        let loaded = self.inner.store.get_webhook(account_id, webhook_id).and_then(|w| {
-            w.map(|w| Ok((self.inner.store.get_secret(webhook_id)?, w)))
-                .transpose()
-        });
+        let loaded = self
+            .inner
+            .store
+            .get_webhook(account_id, webhook_id)
+            .and_then(|w| {
+                w.map(|w| Ok((self.inner.store.get_secret(webhook_id)?, w)))
+                    .transpose()
+            });
         let (secret, webhook) = match loaded {
             Ok(Some(found)) => found,
             Ok(None) => return,
@@ -193,7 +197,11 @@ impl Dispatcher {
 
     /// Wakes the lanes of `account_id`: the log now ends at `last_seq`.
     pub fn events_appended(&self, account_id: u64, last_seq: u64) {
-        let mut accounts = self.inner.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut accounts = self
+            .inner
+            .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         accounts
             .entry(account_id)
             .or_insert_with(|| watch::channel(last_seq).0)
@@ -208,7 +216,11 @@ impl Dispatcher {
     }
 
     fn account_watch(&self, account_id: u64) -> watch::Receiver<u64> {
-        let mut accounts = self.inner.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut accounts = self
+            .inner
+            .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         accounts
             .entry(account_id)
             .or_insert_with(|| watch::channel(self.inner.store.last_seq()).0)

@@ -69,17 +69,32 @@ mod tests {
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {
         let p = policy();
-        for (failures, base) in [(1u32, 5.0f64), (2, 10.0), (3, 20.0), (7, 300.0), (30, 300.0)] {
+        for (failures, base) in [
+            (1u32, 5.0f64),
+            (2, 10.0),
+            (3, 20.0),
+            (7, 300.0),
+            (30, 300.0),
+        ] {
             let d = p.delay(failures, None).as_secs_f64();
-            assert!(d >= base * 0.8 - 1e-9 && d <= (base * 1.2).min(300.0) + 1e-9, "{failures}: {d}");
+            assert!(
+                d >= base * 0.8 - 1e-9 && d <= (base * 1.2).min(300.0) + 1e-9,
+                "{failures}: {d}"
+            );
         }
     }
 
     #[test]
     fn retry_after_is_honoured_within_bounds() {
         let p = policy();
-        assert_eq!(p.delay(1, Some(Duration::from_secs(2))), Duration::from_secs(2));
-        assert_eq!(p.delay(1, Some(Duration::from_secs(99_999))), Duration::from_secs(300));
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(99_999))),
+            Duration::from_secs(300)
+        );
         assert_eq!(p.delay(1, Some(Duration::ZERO)), MIN_DELAY);
     }
 
@@ -88,7 +103,10 @@ mod tests {
         let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 

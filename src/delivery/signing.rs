@@ -47,7 +47,12 @@ mod tests {
     fn standard_webhooks_known_answers() {
         let key = decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         assert_eq!(
-            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#),
+            sign(
+                &key,
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1614265330,
+                br#"{"test": 2432232314}"#
+            ),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
         let key = decode_secret("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
@@ -68,6 +73,9 @@ mod tests {
         let b = decode_secret("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
         let h = signature_header(&[a.clone(), b.clone()], "msg_1", 1, b"{}");
         let parts: Vec<&str> = h.split(' ').collect();
-        assert_eq!(parts, vec![sign(&a, "msg_1", 1, b"{}"), sign(&b, "msg_1", 1, b"{}")]);
+        assert_eq!(
+            parts,
+            vec![sign(&a, "msg_1", 1, b"{}"), sign(&b, "msg_1", 1, b"{}")]
+        );
     }
 }

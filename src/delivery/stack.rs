@@ -118,12 +118,19 @@ pub struct AttemptOutcome {
 }
 
 /// Turns a result of the inner stack into an attempt record.
-pub fn classify(started_ms: i64, elapsed: Duration, result: Result<HttpResponse, BoxError>) -> AttemptOutcome {
+pub fn classify(
+    started_ms: i64,
+    elapsed: Duration,
+    result: Result<HttpResponse, BoxError>,
+) -> AttemptOutcome {
     let latency_ms = elapsed.as_millis().min(u128::from(u32::MAX)) as u32;
     match result {
         Ok(resp) => {
             let success = (200..300).contains(&resp.status);
-            let body = String::from_utf8_lossy(&resp.body_prefix[..resp.body_prefix.len().min(KEPT_BODY_BYTES)]).into_owned();
+            let body = String::from_utf8_lossy(
+                &resp.body_prefix[..resp.body_prefix.len().min(KEPT_BODY_BYTES)],
+            )
+            .into_owned();
             let error = if success {
                 String::new()
             } else if (300..400).contains(&resp.status) {
@@ -202,7 +209,8 @@ pub fn authenticate(req: &mut DeliveryRequest, now_ms: i64) {
     match &req.webhook.webhook.auth {
         Auth::None => {}
         Auth::Basic { username, password } => {
-            let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
             if let Ok(mut v) = HeaderValue::from_str(&format!("Basic {token}")) {
                 v.set_sensitive(true);
                 h.insert(http::header::AUTHORIZATION, v);
@@ -489,7 +497,11 @@ mod tests {
             p.acquire().await;
         }
         // First slot is immediate, then four more 50 ms apart.
-        assert!(start.elapsed() >= Duration::from_millis(195), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(195),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
@@ -516,11 +528,21 @@ mod tests {
             headers: HeaderMap::new(),
         };
         authenticate(&mut req, 5_000);
-        let sig = req.headers["webhook-signature"].to_str().unwrap().to_string();
+        let sig = req.headers["webhook-signature"]
+            .to_str()
+            .unwrap()
+            .to_string();
         assert_eq!(sig.split(' ').count(), 2);
         let key = signing::decode_secret(&secret.current).unwrap();
         assert!(sig.starts_with(&signing::sign(&key, "msg_1", 5, b"{}")));
         authenticate(&mut req, 20_000);
-        assert_eq!(req.headers["webhook-signature"].to_str().unwrap().split(' ').count(), 1);
+        assert_eq!(
+            req.headers["webhook-signature"]
+                .to_str()
+                .unwrap()
+                .split(' ')
+                .count(),
+            1
+        );
     }
 }

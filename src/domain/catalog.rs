@@ -24,35 +24,104 @@ pub struct EventType {
 }
 
 const REALTIME: &[(&str, &str)] = &[
-    ("CI_STATS", "Continuing-education statistics of a learner changed."),
+    (
+        "CI_STATS",
+        "Continuing-education statistics of a learner changed.",
+    ),
     ("COURSE_ENROLLMENT", "A learner was enrolled in a course."),
-    ("LEARNING_PATH_ENROLLMENT", "A learner was enrolled in a learning path."),
-    ("CERTIFICATION_ENROLLMENT", "A learner was enrolled in a certification."),
+    (
+        "LEARNING_PATH_ENROLLMENT",
+        "A learner was enrolled in a learning path.",
+    ),
+    (
+        "CERTIFICATION_ENROLLMENT",
+        "A learner was enrolled in a certification.",
+    ),
     ("COURSE_COMPLETED", "A learner completed a course."),
-    ("LEARNING_PATH_COMPLETED", "A learner completed a learning path."),
-    ("CERTIFICATION_COMPLETED", "A learner completed a certification."),
-    ("COURSE_UNENROLLMENT", "A learner was unenrolled from a course."),
-    ("LEARNING_PATH_UNENROLLMENT", "A learner was unenrolled from a learning path."),
-    ("CERTIFICATION_UNENROLLMENT", "A learner was unenrolled from a certification."),
-    ("LEARNING_OBJECT_DRAFT", "A learning object was saved as a draft."),
-    ("LEARNING_OBJECT_MODIFICATION", "A learning object was modified."),
+    (
+        "LEARNING_PATH_COMPLETED",
+        "A learner completed a learning path.",
+    ),
+    (
+        "CERTIFICATION_COMPLETED",
+        "A learner completed a certification.",
+    ),
+    (
+        "COURSE_UNENROLLMENT",
+        "A learner was unenrolled from a course.",
+    ),
+    (
+        "LEARNING_PATH_UNENROLLMENT",
+        "A learner was unenrolled from a learning path.",
+    ),
+    (
+        "CERTIFICATION_UNENROLLMENT",
+        "A learner was unenrolled from a certification.",
+    ),
+    (
+        "LEARNING_OBJECT_DRAFT",
+        "A learning object was saved as a draft.",
+    ),
+    (
+        "LEARNING_OBJECT_MODIFICATION",
+        "A learning object was modified.",
+    ),
     ("LEARNING_OBJECT_DELETION", "A learning object was deleted."),
-    ("LEARNING_OBJECT_INSTANCE_MODIFICATION", "An instance of a learning object was modified."),
-    ("LEARNING_OBJECT_INSTANCE_DELETION", "An instance of a learning object was deleted."),
-    ("LEARNING_PATH_COMPLETION_ROLLBACK", "A learning-path completion was rolled back."),
+    (
+        "LEARNING_OBJECT_INSTANCE_MODIFICATION",
+        "An instance of a learning object was modified.",
+    ),
+    (
+        "LEARNING_OBJECT_INSTANCE_DELETION",
+        "An instance of a learning object was deleted.",
+    ),
+    (
+        "LEARNING_PATH_COMPLETION_ROLLBACK",
+        "A learning-path completion was rolled back.",
+    ),
 ];
 
 const BATCH: &[(&str, &str)] = &[
-    ("COURSE_ENROLLMENT_BATCH", "Course enrollments, sent in batches."),
-    ("LEARNING_PATH_ENROLLMENT_BATCH", "Learning-path enrollments, sent in batches."),
-    ("CERTIFICATION_ENROLLMENT_BATCH", "Certification enrollments, sent in batches."),
-    ("COURSE_COMPLETED_BATCH", "Course completions, sent in batches."),
-    ("LEARNING_PATH_COMPLETED_BATCH", "Learning-path completions, sent in batches."),
-    ("CERTIFICATION_COMPLETED_BATCH", "Certification completions, sent in batches."),
-    ("COURSE_UNENROLLMENT_BATCH", "Course unenrollments, sent in batches."),
-    ("LEARNING_PATH_UNENROLLMENT_BATCH", "Learning-path unenrollments, sent in batches."),
-    ("CERTIFICATION_UNENROLLMENT_BATCH", "Certification unenrollments, sent in batches."),
-    ("LEARNING_OBJECT_MODIFICATION_BATCH", "Learning-object modifications, sent in batches."),
+    (
+        "COURSE_ENROLLMENT_BATCH",
+        "Course enrollments, sent in batches.",
+    ),
+    (
+        "LEARNING_PATH_ENROLLMENT_BATCH",
+        "Learning-path enrollments, sent in batches.",
+    ),
+    (
+        "CERTIFICATION_ENROLLMENT_BATCH",
+        "Certification enrollments, sent in batches.",
+    ),
+    (
+        "COURSE_COMPLETED_BATCH",
+        "Course completions, sent in batches.",
+    ),
+    (
+        "LEARNING_PATH_COMPLETED_BATCH",
+        "Learning-path completions, sent in batches.",
+    ),
+    (
+        "CERTIFICATION_COMPLETED_BATCH",
+        "Certification completions, sent in batches.",
+    ),
+    (
+        "COURSE_UNENROLLMENT_BATCH",
+        "Course unenrollments, sent in batches.",
+    ),
+    (
+        "LEARNING_PATH_UNENROLLMENT_BATCH",
+        "Learning-path unenrollments, sent in batches.",
+    ),
+    (
+        "CERTIFICATION_UNENROLLMENT_BATCH",
+        "Certification unenrollments, sent in batches.",
+    ),
+    (
+        "LEARNING_OBJECT_MODIFICATION_BATCH",
+        "Learning-object modifications, sent in batches.",
+    ),
     (
         "LEARNING_OBJECT_INSTANCE_MODIFICATION_BATCH",
         "Learning-object instance modifications, sent in batches.",
@@ -61,7 +130,10 @@ const BATCH: &[(&str, &str)] = &[
         "LEARNING_PATH_COMPLETION_ROLLBACK_BATCH",
         "Learning-path completion rollbacks, sent in batches.",
     ),
-    ("LEARNER_PROGRESS", "Learner progress updates, sent in batches."),
+    (
+        "LEARNER_PROGRESS",
+        "Learner progress updates, sent in batches.",
+    ),
 ];
 
 /// Mode of a built-in event type, if `name` is one.

@@ -18,7 +18,10 @@ pub fn new_id(prefix: &str) -> String {
 /// Whether `id` looks like an id made by [`new_id`] with `prefix`.
 pub fn is_valid(prefix: &str, id: &str) -> bool {
     id.strip_prefix(prefix).is_some_and(|rest| {
-        rest.len() == 28 && rest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        rest.len() == 28
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 

@@ -67,7 +67,9 @@ pub enum Auth {
 impl Webhook {
     /// Whether events of `mode` reach this webhook's `mode` lane at all.
     pub fn subscribes_to_mode(&self, catalog: &Catalog, mode: Mode) -> bool {
-        self.event_types.iter().any(|t| catalog.mode(t) == Some(mode))
+        self.event_types
+            .iter()
+            .any(|t| catalog.mode(t) == Some(mode))
     }
 }
 
@@ -90,10 +92,16 @@ pub fn validate(w: &mut Webhook, rules: Rules<'_>, prefix: &str) -> Result<()> {
         return Err(Error::invalid(f("name"), "is required"));
     }
     if name_chars > MAX_NAME_CHARS {
-        return Err(Error::invalid(f("name"), format!("must be at most {MAX_NAME_CHARS} characters")));
+        return Err(Error::invalid(
+            f("name"),
+            format!("must be at most {MAX_NAME_CHARS} characters"),
+        ));
     }
     if w.name.chars().any(char::is_control) {
-        return Err(Error::invalid(f("name"), "must not contain control characters"));
+        return Err(Error::invalid(
+            f("name"),
+            "must not contain control characters",
+        ));
     }
     if w.description.chars().count() > MAX_DESCRIPTION_CHARS {
         return Err(Error::invalid(
@@ -105,21 +113,33 @@ pub fn validate(w: &mut Webhook, rules: Rules<'_>, prefix: &str) -> Result<()> {
         return Err(Error::invalid(f("target_url"), "is required"));
     }
     if w.target_url.len() > MAX_URL_BYTES {
-        return Err(Error::invalid(f("target_url"), format!("must be at most {MAX_URL_BYTES} bytes")));
+        return Err(Error::invalid(
+            f("target_url"),
+            format!("must be at most {MAX_URL_BYTES} bytes"),
+        ));
     }
     guard::check_target_url(&w.target_url, rules.allow_private_targets)
         .map_err(|reason| Error::invalid(f("target_url"), reason))?;
     if w.event_types.is_empty() {
-        return Err(Error::invalid(f("event_types"), "must name at least one event type"));
+        return Err(Error::invalid(
+            f("event_types"),
+            "must name at least one event type",
+        ));
     }
     if w.event_types.len() > MAX_EVENT_TYPES {
-        return Err(Error::invalid(f("event_types"), format!("at most {MAX_EVENT_TYPES} entries")));
+        return Err(Error::invalid(
+            f("event_types"),
+            format!("at most {MAX_EVENT_TYPES} entries"),
+        ));
     }
     for (i, t) in w.event_types.iter().enumerate() {
         if rules.catalog.mode(t).is_none() {
             return Err(Error::invalid(
                 format!("{prefix}.event_types[{i}]"),
-                format!("unknown event type {:?} (see ListEventTypes)", truncate(t, 80)),
+                format!(
+                    "unknown event type {:?} (see ListEventTypes)",
+                    truncate(t, 80)
+                ),
             ));
         }
     }
@@ -139,7 +159,10 @@ pub fn validate(w: &mut Webhook, rules: Rules<'_>, prefix: &str) -> Result<()> {
             return Err(Error::invalid(f("auth.basic.password"), "is required"));
         }
         if username.len() > 256 || password.len() > 256 {
-            return Err(Error::invalid(f("auth.basic"), "username and password: at most 256 bytes each"));
+            return Err(Error::invalid(
+                f("auth.basic"),
+                "username and password: at most 256 bytes each",
+            ));
         }
     }
     Ok(())
@@ -289,7 +312,10 @@ mod tests {
             .unwrap();
         assert_eq!(decoded.len(), 32);
         let r = s.rotate(1000, 500);
-        assert_eq!(r.active_secrets(1200), vec![r.current.as_str(), s.current.as_str()]);
+        assert_eq!(
+            r.active_secrets(1200),
+            vec![r.current.as_str(), s.current.as_str()]
+        );
         assert_eq!(r.active_secrets(1500), vec![r.current.as_str()]);
         assert_eq!(s.rotate(1000, 0).previous, None);
     }

@@ -1,6 +1,7 @@
 //! Lane state and delivery records. A lane's state is its cursor (the last
-//! log position taken into a delivery), the delivery at its head while that
-//! one is unfinished, and deliveries an operator requeued.
+//! log position taken into a delivery) and the delivery at its head while
+//! that one is unfinished; deliveries an operator requeued wait in a queue
+//! of their own.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +11,10 @@ use crate::error::Result;
 
 const LANE: u8 = b'L';
 const DELIVERY: u8 = b'D';
+/// `Q` ‖ webhook id ‖ `/` ‖ mode ‖ delivery id: deliveries an operator
+/// requeued, taken by the lane (oldest first) before new events. Kept apart
+/// from LaneState so the API can add to it while the lane runs.
+const REQUEUED: u8 = b'Q';
 
 /// Persistent state of one lane (webhook × mode).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,9 +23,6 @@ pub struct LaneState {
     pub cursor: u64,
     /// The unfinished delivery being attempted, if any.
     pub head: Option<String>,
-    /// Operator-requeued deliveries, sent before new events.
-    #[serde(default)]
-    pub requeued: Vec<String>,
 }
 
 /// One page of a delivery listing.
@@ -45,6 +47,16 @@ fn lane_key(webhook_id: &str, mode: ModeTag) -> Vec<u8> {
     k.extend_from_slice(webhook_id.as_bytes());
     k.push(b'/');
     k.push(mode_byte(mode));
+    k
+}
+
+fn requeued_key(webhook_id: &str, mode: ModeTag, delivery_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(webhook_id.len() + delivery_id.len() + 3);
+    k.push(REQUEUED);
+    k.extend_from_slice(webhook_id.as_bytes());
+    k.push(b'/');
+    k.push(mode_byte(mode));
+    k.extend_from_slice(delivery_id.as_bytes());
     k
 }
 
@@ -99,7 +111,11 @@ impl Store {
 
     /// One delivery record.
     pub fn delivery(&self, webhook_id: &str, delivery_id: &str) -> Result<Option<DeliveryRecord>> {
-        match self.inner.lanes.get(delivery_key(webhook_id, delivery_id))? {
+        match self
+            .inner
+            .lanes
+            .get(delivery_key(webhook_id, delivery_id))?
+        {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
         }
@@ -150,8 +166,8 @@ impl Store {
         originals: &[DeliveryRecord],
         now_ms: i64,
     ) -> Result<Vec<DeliveryRecord>> {
-        let mut created = Vec::new();
-        let mut lanes: Vec<(ModeTag, LaneState)> = Vec::new();
+        let mut batch = sled::Batch::default();
+        let mut created = Vec::with_capacity(originals.len());
         for o in originals {
             let copy = DeliveryRecord {
                 id: crate::domain::ids::new_id(crate::domain::ids::DELIVERY_PREFIX),
@@ -164,26 +180,44 @@ impl Store {
                 redelivery: true,
                 ..o.clone()
             };
-            let lane = match lanes.iter_mut().find(|(m, _)| *m == o.mode) {
-                Some((_, l)) => l,
-                None => {
-                    let l = self.lane(webhook_id, o.mode)?.unwrap_or_default();
-                    lanes.push((o.mode, l));
-                    &mut lanes.last_mut().expect("just pushed").1
-                }
-            };
-            lane.requeued.push(copy.id.clone());
+            batch.insert(
+                delivery_key(webhook_id, &copy.id),
+                serde_json::to_vec(&copy)?,
+            );
+            batch.insert(requeued_key(webhook_id, o.mode, &copy.id), &[]);
             created.push(copy);
-        }
-        let mut batch = sled::Batch::default();
-        for (mode, lane) in &lanes {
-            batch.insert(lane_key(webhook_id, *mode), serde_json::to_vec(lane)?);
-        }
-        for r in &created {
-            batch.insert(delivery_key(webhook_id, &r.id), serde_json::to_vec(r)?);
         }
         self.inner.lanes.apply_batch(batch)?;
         Ok(created)
+    }
+
+    /// The oldest requeued delivery of a lane, if any.
+    pub fn next_requeued(&self, webhook_id: &str, mode: ModeTag) -> Result<Option<String>> {
+        let prefix = requeued_key(webhook_id, mode, "");
+        match self.inner.lanes.scan_prefix(&prefix).next() {
+            Some(item) => {
+                let (k, _) = item?;
+                Ok(Some(
+                    String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                ))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Makes a requeued delivery the lane's head, atomically.
+    pub fn take_requeued(
+        &self,
+        webhook_id: &str,
+        mode: ModeTag,
+        lane: &LaneState,
+        delivery_id: &str,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(lane_key(webhook_id, mode), serde_json::to_vec(lane)?);
+        batch.remove(requeued_key(webhook_id, mode, delivery_id));
+        self.inner.lanes.apply_batch(batch)?;
+        Ok(())
     }
 
     /// Removes finished delivery records created before `before_ms`, at most
@@ -217,7 +251,11 @@ impl Store {
             for mode in [ModeTag::Realtime, ModeTag::Batch] {
                 if let Some(l) = self.lane(id, mode)? {
                     // A lane with a head or requeued work may still need older events.
-                    let c = if l.head.is_some() || !l.requeued.is_empty() { 0 } else { l.cursor };
+                    let c = if l.head.is_some() || self.next_requeued(id, mode)?.is_some() {
+                        0
+                    } else {
+                        l.cursor
+                    };
                     min = Some(min.map_or(c, |m| m.min(c)));
                 }
             }
@@ -232,6 +270,15 @@ impl Store {
         }
         for item in self.inner.lanes.scan_prefix(delivery_prefix(webhook_id)) {
             batch.remove(item?.0);
+        }
+        for mode in [ModeTag::Realtime, ModeTag::Batch] {
+            for item in self
+                .inner
+                .lanes
+                .scan_prefix(requeued_key(webhook_id, mode, ""))
+            {
+                batch.remove(item?.0);
+            }
         }
         self.inner.lanes.apply_batch(batch)?;
         Ok(())

@@ -66,7 +66,12 @@ fn encode_record(ingest_ms: i64, e: &NewEvent) -> Vec<u8> {
 /// Splits a record into (ingest_ms, name, id, json) without copying.
 fn split_record(v: &[u8]) -> Result<(i64, &str, &str, &str)> {
     let corrupt = || Error::Internal("corrupt event record".into());
-    let ingest = i64::from_be_bytes(v.get(..8).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
+    let ingest = i64::from_be_bytes(
+        v.get(..8)
+            .ok_or_else(corrupt)?
+            .try_into()
+            .map_err(|_| corrupt())?,
+    );
     let nl = *v.get(8).ok_or_else(corrupt)? as usize;
     let name = v.get(9..9 + nl).ok_or_else(corrupt)?;
     let il = *v.get(9 + nl).ok_or_else(corrupt)? as usize;
@@ -87,7 +92,11 @@ impl Store {
         ingest_ms: i64,
     ) -> Result<(Vec<AppendOutcome>, u64)> {
         let (outcomes, last_seq, ticket) = {
-            let mut state = self.inner.append_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self
+                .inner
+                .append_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let mut batch = sled::Batch::default();
             let mut seq = state.last_seq;
             let mut seen_here = HashSet::with_capacity(events.len());
@@ -183,7 +192,13 @@ impl Store {
     /// Removes events of `account_id` stored before `before_ms` with a
     /// sequence number at most `max_seq` (every lane is past them), oldest
     /// first, at most `limit`. Returns how many were removed.
-    pub fn trim_events(&self, account_id: u64, before_ms: i64, max_seq: u64, limit: usize) -> Result<usize> {
+    pub fn trim_events(
+        &self,
+        account_id: u64,
+        before_ms: i64,
+        max_seq: u64,
+        limit: usize,
+    ) -> Result<usize> {
         let start = event_key(account_id, 0);
         let end = event_key(account_id, max_seq);
         let mut batch = sled::Batch::default();

@@ -23,7 +23,11 @@ impl Store {
         max_per_account: u32,
     ) -> Result<()> {
         {
-            let _guard = self.inner.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = self
+                .inner
+                .admin_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let count = self
                 .inner
                 .webhooks
@@ -113,7 +117,11 @@ impl Store {
         F: FnOnce(&mut Webhook, Option<SecretRecord>) -> Result<Option<SecretRecord>>,
     {
         let updated = {
-            let _guard = self.inner.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = self
+                .inner
+                .admin_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let key = webhook_key(account_id, id);
             let mut w: Webhook = match self.inner.webhooks.get(&key)? {
                 Some(v) => serde_json::from_slice(&v)?,
@@ -139,7 +147,11 @@ impl Store {
     /// Deletes a webhook, its secret, lanes and delivery records.
     pub async fn delete_webhook(&self, account_id: u64, id: &str) -> Result<()> {
         {
-            let _guard = self.inner.admin_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = self
+                .inner
+                .admin_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let key = webhook_key(account_id, id);
             (&self.inner.webhooks, &self.inner.secrets).transaction(|(wt, st)| {
                 if wt.remove(key.as_slice())?.is_none() {

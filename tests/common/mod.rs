@@ -34,10 +34,12 @@ pub const INGEST_1010: &str = "ingest-token-account-1010-001";
 
 /// Config for tests: known tokens, loopback listeners allowed, short timings.
 pub fn test_config(data_dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".into();
-    c.data_dir = data_dir.to_path_buf();
-    c.shutdown_grace_ms = 2_000;
+    let mut c = Config {
+        listen: "127.0.0.1:0".into(),
+        data_dir: data_dir.to_path_buf(),
+        shutdown_grace_ms: 2_000,
+        ..Config::default()
+    };
     c.delivery.allow_private_targets = true;
     c.delivery.retry_initial_ms = 200;
     c.delivery.retry_max_interval_ms = 1_000;
@@ -112,7 +114,11 @@ impl TestServer {
     pub async fn channel(&self) -> Channel {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await {
+            match Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect()
+                .await
+            {
                 Ok(c) => return c,
                 Err(e) if Instant::now() > deadline => panic!("cannot connect: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -204,7 +210,11 @@ pub fn event(id: &str, name: &str, user: u64) -> Event {
     }
 }
 
-pub async fn publish(ingest: &mut Ingest, account_id: u64, events: Vec<Event>) -> PublishEventsResponse {
+pub async fn publish(
+    ingest: &mut Ingest,
+    account_id: u64,
+    events: Vec<Event>,
+) -> PublishEventsResponse {
     ingest
         .publish_events(PublishEventsRequest { account_id, events })
         .await
@@ -244,7 +254,8 @@ impl Received {
 }
 
 /// How the listener answers: (status, extra headers, delay before answering).
-pub type Behaviour = Arc<dyn Fn(usize, &Received) -> (u16, Vec<(String, String)>, Duration) + Send + Sync>;
+pub type Behaviour =
+    Arc<dyn Fn(usize, &Received) -> (u16, Vec<(String, String)>, Duration) + Send + Sync>;
 
 /// A real HTTP/1.1 listener on 127.0.0.1.
 pub struct Listener {
@@ -266,7 +277,9 @@ impl Listener {
         let rec = received.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = tcp.accept().await else { return };
+                let Ok((stream, _)) = tcp.accept().await else {
+                    return;
+                };
                 let rec = rec.clone();
                 let behaviour = behaviour.clone();
                 tokio::spawn(async move {
@@ -275,7 +288,11 @@ impl Listener {
                         let behaviour = behaviour.clone();
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             let r = Received {
                                 at: Instant::now(),
                                 headers: parts.headers,
@@ -294,7 +311,9 @@ impl Listener {
                             for (k, v) in headers {
                                 resp = resp.header(k, v);
                             }
-                            Ok::<_, std::convert::Infallible>(resp.body(Full::new(Bytes::from_static(b"ok"))).unwrap())
+                            Ok::<_, std::convert::Infallible>(
+                                resp.body(Full::new(Bytes::from_static(b"ok"))).unwrap(),
+                            )
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -303,7 +322,11 @@ impl Listener {
                 });
             }
         });
-        Listener { addr, received, task }
+        Listener {
+            addr,
+            received,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -320,7 +343,11 @@ impl Listener {
     }
 
     /// Waits until `pred(requests)` holds or `timeout` passes; returns the requests.
-    pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
         let deadline = Instant::now() + timeout;
         loop {
             let r = self.requests();
