@@ -135,13 +135,15 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
                 }
                 dst.auth = new_auth;
             }
-            other => return Err(Error::invalid(
-                format!("update_mask.paths[{i}]"),
-                format!(
+            other => {
+                return Err(Error::invalid(
+                    format!("update_mask.paths[{i}]"),
+                    format!(
                     "{:?} cannot be updated (use name, description, target_url, auth, event_types)",
                     webhook::truncate(other, 64)
                 ),
-            )),
+                ))
+            }
         }
     }
     Ok(())
