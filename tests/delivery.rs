@@ -636,3 +636,80 @@ async fn delivery_log_redelivery_and_watch() {
     assert!(p2.next_page_token.is_empty());
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn retired_webhooks_keep_their_queue_and_deleted_ones_drop_it() {
+    let (_dir, server, mut admin, mut ingest) = setup().await;
+    let listener = Listener::ok().await;
+    let w = create(
+        &mut admin,
+        1010,
+        webhook("r", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
+    )
+    .await;
+    admin
+        .retire_webhook(RetireWebhookRequest {
+            account_id: 1010,
+            webhook_id: w.id.clone(),
+        })
+        .await
+        .unwrap();
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("q-1", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        listener.requests().is_empty(),
+        "retired webhook receives nothing"
+    );
+    admin
+        .activate_webhook(ActivateWebhookRequest {
+            account_id: 1010,
+            webhook_id: w.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listener.wait_events(1, Duration::from_secs(5)).await,
+        vec!["q-1"]
+    );
+
+    // A webhook failing with a queue behind it, then deleted: nothing more is sent.
+    let failing = Listener::start(Arc::new(|_, _| (503, vec![], Duration::ZERO))).await;
+    let f = create(
+        &mut admin,
+        1010,
+        webhook("f", &failing.url(), &["COURSE_COMPLETED"], no_auth()),
+    )
+    .await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![
+            event("z-1", "COURSE_COMPLETED", 1),
+            event("z-2", "COURSE_COMPLETED", 2),
+        ],
+    )
+    .await;
+    failing
+        .wait_until(Duration::from_secs(5), |r| !r.is_empty())
+        .await;
+    admin
+        .delete_webhook(DeleteWebhookRequest {
+            account_id: 1010,
+            webhook_id: f.id.clone(),
+        })
+        .await
+        .unwrap();
+    let after_delete = failing.requests().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        failing.requests().len(),
+        after_delete,
+        "no attempt after delete"
+    );
+    server.stop().await.unwrap();
+}

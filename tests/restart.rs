@@ -1,0 +1,220 @@
+//! The real binary, killed and restarted on the same data folder: pending and
+//! retrying deliveries resume and every acknowledged event arrives.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tonic::transport::Channel;
+use webhook_router::proto::v1::event_ingest_client::EventIngestClient;
+use webhook_router::proto::v1::webhook_admin_client::WebhookAdminClient;
+
+/// The binary as a child process; killed on drop.
+struct Router {
+    child: Child,
+    addr: String,
+}
+
+impl Router {
+    fn start(config: &std::path::Path) -> Router {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-router"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start webhook-router");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("addr=") {
+                    if line.contains("webhook-router serving") {
+                        let addr: String = line[i + 5..]
+                            .chars()
+                            .take_while(|c| !c.is_whitespace())
+                            .collect();
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(addr);
+                        }
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("router did not start");
+        Router { child, addr }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "router did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    let text = format!(
+        r#"listen = "127.0.0.1:0"
+data_dir = "{data}"
+shutdown_grace_ms = 2000
+
+[delivery]
+allow_private_targets = true
+retry_initial_ms = 200
+retry_max_interval_ms = 500
+
+[[tokens]]
+token = "{ADMIN}"
+role = "admin"
+
+[[tokens]]
+token = "{INGEST}"
+role = "ingest"
+"#,
+        data = dir.join("data").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn sigkill_with_retrying_deliveries_then_restart_delivers_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let healthy = Arc::new(AtomicBool::new(false));
+    let h = healthy.clone();
+    let listener = Listener::start(Arc::new(move |_, _| {
+        (
+            if h.load(Ordering::SeqCst) { 200 } else { 503 },
+            vec![],
+            Duration::ZERO,
+        )
+    }))
+    .await;
+
+    let mut router = Router::start(&config);
+    let mut admin = WebhookAdminClient::with_interceptor(router.channel().await, bearer(ADMIN));
+    let mut ingest = EventIngestClient::with_interceptor(router.channel().await, bearer(INGEST));
+    let w = create(
+        &mut admin,
+        1010,
+        webhook("r", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
+    )
+    .await;
+    let mut expected = Vec::new();
+    for batch in 0..3 {
+        let events: Vec<Event> = (0..10)
+            .map(|i| {
+                let id = format!("k-{batch}-{i}");
+                expected.push(id.clone());
+                event(&id, "COURSE_ENROLLMENT", i)
+            })
+            .collect();
+        publish(&mut ingest, 1010, events).await;
+    }
+    // Wait until the head payload has failed a few times (state RETRYING).
+    listener
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 3)
+        .await;
+    let first_id = listener.requests()[0].header("webhook-id");
+    router.signal("-KILL");
+    router.wait_exit(Duration::from_secs(5));
+    drop(router);
+
+    healthy.store(true, Ordering::SeqCst);
+    let failed_before = listener.requests().len();
+    let mut router = Router::start(&config);
+    let got = listener
+        .wait_events(failed_before + 30, Duration::from_secs(20))
+        .await;
+    let delivered: Vec<String> = listener.requests()[failed_before..]
+        .iter()
+        .flat_map(|r| r.event_ids())
+        .collect();
+    let mut firsts = Vec::new();
+    for id in &delivered {
+        if !firsts.contains(id) {
+            firsts.push(id.clone());
+        }
+    }
+    assert_eq!(
+        firsts,
+        expected,
+        "every acknowledged event, in order (got {} ids)",
+        got.len()
+    );
+    // The payload that was retrying before the crash kept its webhook-id.
+    assert_eq!(
+        listener.requests()[failed_before].header("webhook-id"),
+        first_id
+    );
+
+    let mut admin = WebhookAdminClient::with_interceptor(router.channel().await, bearer(ADMIN));
+    let ds = admin
+        .list_deliveries(ListDeliveriesRequest {
+            account_id: 1010,
+            webhook_id: w.id.clone(),
+            state: 0,
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    let head = ds
+        .iter()
+        .find(|d| d.id == first_id)
+        .expect("head delivery logged");
+    assert!(
+        head.attempts.len() >= 3,
+        "attempts before and after the crash: {}",
+        head.attempts.len()
+    );
+    assert_eq!(head.state, DeliveryState::Delivered as i32);
+
+    // SIGTERM: drains and exits 0.
+    router.signal("-TERM");
+    let status = router.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}");
+}
