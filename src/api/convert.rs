@@ -190,9 +190,10 @@ pub fn page_size(raw: i32, default: usize, max: usize) -> Result<usize> {
     }
 }
 
-/// Largest integer a double holds exactly; whole numbers up to it are
-/// written without a fraction.
-const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
+/// 2^63. Whole numbers below it in magnitude convert to i64 exactly and are
+/// written as integers (above 2^53 that is the double's exact value, never
+/// `….0` nor `1.2e+18`); larger ones are written in exponent form (`1e+20`).
+const I64_LIMIT: f64 = 9_223_372_036_854_775_808.0;
 
 /// Renders a Struct as a JSON object. Whole numbers are written as integers
 /// (4279332, never 4279332.0); NaN and infinities are refused. `field` names
@@ -235,7 +236,7 @@ fn write_value(out: &mut String, v: &Value, path: &str) -> Result<()> {
                     "NaN and infinity are not valid JSON numbers",
                 ));
             }
-            if n.fract() == 0.0 && n.abs() <= MAX_EXACT_INT {
+            if n.fract() == 0.0 && n.abs() < I64_LIMIT {
                 out.push_str(&(*n as i64).to_string());
             } else {
                 // serde_json writes the shortest round-tripping form.
@@ -278,6 +279,8 @@ mod tests {
         fields.insert("userId".to_string(), num(4279332.0));
         fields.insert("ratio".to_string(), num(0.5));
         fields.insert("neg".to_string(), num(-3.0));
+        fields.insert("big".to_string(), num(9_007_199_254_740_994.0));
+        fields.insert("huge".to_string(), num(1e20));
         fields.insert(
             "loId".to_string(),
             Value {
@@ -289,7 +292,7 @@ mod tests {
         };
         assert_eq!(
             struct_to_json(Some(&s), "data").unwrap(),
-            r#"{"loId":"course:7374992","neg":-3,"ratio":0.5,"userId":4279332}"#
+            r#"{"big":9007199254740994,"huge":1e+20,"loId":"course:7374992","neg":-3,"ratio":0.5,"userId":4279332}"#
         );
     }
 
