@@ -54,22 +54,6 @@ async fn delivers_the_documented_body_and_headers() {
     server.stop().await.unwrap();
 }
 
-async fn setup() -> (tempfile::TempDir, TestServer, Admin, Ingest) {
-    setup_with(|_| {}).await
-}
-
-async fn setup_with(
-    f: impl FnOnce(&mut webhook_router::config::Config),
-) -> (tempfile::TempDir, TestServer, Admin, Ingest) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    f(&mut config);
-    let server = TestServer::start(config).await;
-    let admin = server.admin(ADMIN).await;
-    let ingest = server.ingest(INGEST).await;
-    (dir, server, admin, ingest)
-}
-
 /// Verifies a Standard Webhooks signature with Python's own hmac/hashlib,
 /// an implementation independent of ours.
 fn python_verifies(secret: &str, msg_id: &str, ts: &str, body: &[u8], header: &str) -> bool {

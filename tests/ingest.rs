@@ -16,24 +16,9 @@ use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
-use webhook_router::config::Config;
 
 /// The types every test webhook subscribes to.
 const TYPES: &[&str] = &["COURSE_ENROLLMENT", "COURSE_COMPLETED"];
-
-async fn setup() -> (tempfile::TempDir, TestServer, Admin, Ingest) {
-    setup_with(|_| {}).await
-}
-
-async fn setup_with(f: impl FnOnce(&mut Config)) -> (tempfile::TempDir, TestServer, Admin, Ingest) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    f(&mut config);
-    let server = TestServer::start(config).await;
-    let admin = server.admin(ADMIN).await;
-    let ingest = server.ingest(INGEST).await;
-    (dir, server, admin, ingest)
-}
 
 /// A healthy listener with a webhook of account 1010 subscribed to [`TYPES`].
 async fn subscribed(admin: &mut Admin) -> Listener {

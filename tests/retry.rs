@@ -8,17 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use webhook_router::config::Config;
-
-async fn setup_with(f: impl FnOnce(&mut Config)) -> (tempfile::TempDir, TestServer, Admin, Ingest) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    f(&mut config);
-    let server = TestServer::start(config).await;
-    let admin = server.admin(ADMIN).await;
-    let ingest = server.ingest(INGEST).await;
-    (dir, server, admin, ingest)
-}
 
 async fn deliveries(admin: &mut Admin, webhook_id: &str) -> Vec<Delivery> {
     admin

@@ -62,6 +62,25 @@ pub fn test_config(data_dir: &Path) -> Config {
     c
 }
 
+/// A router on a fresh temp folder with [`test_config`], and clients with
+/// the all-accounts tokens. Keep the TempDir alive for the test.
+pub async fn setup() -> (tempfile::TempDir, TestServer, Admin, Ingest) {
+    setup_with(|_| {}).await
+}
+
+/// Like [`setup`], after `f` adjusted the config.
+pub async fn setup_with(
+    f: impl FnOnce(&mut Config),
+) -> (tempfile::TempDir, TestServer, Admin, Ingest) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    f(&mut config);
+    let server = TestServer::start(config).await;
+    let admin = server.admin(ADMIN).await;
+    let ingest = server.ingest(INGEST).await;
+    (dir, server, admin, ingest)
+}
+
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
 pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
