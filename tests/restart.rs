@@ -122,15 +122,7 @@ async fn sigkill_with_retrying_deliveries_then_restart_delivers_everything() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let healthy = Arc::new(AtomicBool::new(false));
-    let h = healthy.clone();
-    let listener = Listener::start(Arc::new(move |_, _| {
-        (
-            if h.load(Ordering::SeqCst) { 200 } else { 503 },
-            vec![],
-            Duration::ZERO,
-        )
-    }))
-    .await;
+    let listener = Listener::toggled(healthy.clone()).await;
 
     let mut router = Router::start(&config);
     let mut admin = WebhookAdminClient::with_interceptor(router.channel().await, bearer(ADMIN));

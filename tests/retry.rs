@@ -231,15 +231,7 @@ async fn exhausted_retries_dead_letter_and_disable_the_webhook() {
     })
     .await;
     let healthy = Arc::new(AtomicBool::new(false));
-    let h = healthy.clone();
-    let listener = Listener::start(Arc::new(move |_, _| {
-        (
-            if h.load(Ordering::SeqCst) { 200 } else { 503 },
-            vec![],
-            Duration::ZERO,
-        )
-    }))
-    .await;
+    let listener = Listener::toggled(healthy.clone()).await;
     let w = create(
         &mut admin,
         1010,

@@ -289,6 +289,15 @@ impl Listener {
         Self::start(Arc::new(|_, _| (200, vec![], Duration::ZERO))).await
     }
 
+    /// Answers 200 while `healthy` is true, 503 otherwise.
+    pub async fn toggled(healthy: Arc<std::sync::atomic::AtomicBool>) -> Listener {
+        Self::start(Arc::new(move |_, _| {
+            let ok = healthy.load(std::sync::atomic::Ordering::SeqCst);
+            (if ok { 200 } else { 503 }, vec![], Duration::ZERO)
+        }))
+        .await
+    }
+
     pub async fn start(behaviour: Behaviour) -> Listener {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
