@@ -182,18 +182,7 @@ async fn sigkill_with_retrying_deliveries_then_restart_delivers_everything() {
     );
 
     let mut admin = WebhookAdminClient::with_interceptor(router.channel().await, bearer(ADMIN));
-    let ds = admin
-        .list_deliveries(ListDeliveriesRequest {
-            account_id: 1010,
-            webhook_id: w.id.clone(),
-            state: 0,
-            page_size: 100,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .deliveries;
+    let ds = deliveries(&mut admin, &w.id).await;
     let head = ds
         .iter()
         .find(|d| d.id == first_id)

@@ -9,21 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-async fn deliveries(admin: &mut Admin, webhook_id: &str) -> Vec<Delivery> {
-    admin
-        .list_deliveries(ListDeliveriesRequest {
-            account_id: 1010,
-            webhook_id: webhook_id.into(),
-            state: 0,
-            page_size: 100,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .deliveries
-}
-
 async fn get(admin: &mut Admin, webhook_id: &str) -> Webhook {
     admin
         .get_webhook(GetWebhookRequest {

@@ -229,6 +229,22 @@ pub fn event(id: &str, name: &str, user: u64) -> Event {
     }
 }
 
+/// The first 100 deliveries of an account-1010 webhook, newest first.
+pub async fn deliveries(admin: &mut Admin, webhook_id: &str) -> Vec<Delivery> {
+    admin
+        .list_deliveries(ListDeliveriesRequest {
+            account_id: 1010,
+            webhook_id: webhook_id.into(),
+            state: 0,
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries
+}
+
 pub async fn publish(
     ingest: &mut Ingest,
     account_id: u64,
