@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use rand::RngCore;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::admin::AdminService;
@@ -99,9 +99,14 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(health_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = graceful.wait_for(|s| *s).await;
-        });
+        // No Nagle: a response's frames go out at once instead of waiting for
+        // the client's delayed ACK (measured: ~40 ms per unary call without).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = graceful.wait_for(|s| *s).await;
+            },
+        );
     let grace = std::time::Duration::from_millis(config.shutdown_grace_ms);
     let served = tokio::select! {
         r = serve => r,
