@@ -27,6 +27,10 @@ use router::{base_config, Router};
 use sink::Sink;
 use webhook_router::proto::v1 as pb;
 
+// sled allocates per key; mimalloc measured faster than the system allocator (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "webhook-router benchmark")]
 struct Cli {
@@ -128,8 +132,10 @@ fn main() -> ExitCode {
 async fn ingest(n: u64) -> bool {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = Router::start(&base_config(&dir.path().join("data"))).await;
+    let cpu0 = router.cpu();
     let took = publish(&router, n, PER_REQUEST, CLIENTS).await;
     let rate = n as f64 / took.as_secs_f64();
+    let cpu = router.cpu().saturating_sub(cpu0);
     drop(router);
     let (raw_took, raw_bytes) = raw_sled(n, &dir.path().join("raw"));
     let raw = n as f64 / raw_took.as_secs_f64();
@@ -150,6 +156,7 @@ async fn ingest(n: u64) -> bool {
                 rate / raw >= 0.6,
             ),
             row("raw record size", format!("{raw_bytes} B"), "", true),
+            row("router CPU per event", fmt_us(cpu, n), "", true),
         ],
     );
     true
@@ -162,10 +169,12 @@ async fn fanout(n: u64) -> bool {
     let sink = Sink::start(WEBHOOKS, n, epoch).await;
     let router = Router::start(&base_config(&dir.path().join("data"))).await;
     create_webhooks(&router, &sink, WEBHOOKS).await;
+    let cpu0 = router.cpu();
     let start = epoch.elapsed();
     let took = publish(&router, n, PER_REQUEST, CLIENTS).await;
     let ingest_rate = n as f64 / took.as_secs_f64();
     let complete = sink.wait_complete(n, Duration::from_secs(600)).await;
+    let cpu = router.cpu().saturating_sub(cpu0);
     let (_, last) = sink.first_last();
     let span = last.saturating_sub(start);
     let delivered = sink.distinct() as f64 / span.as_secs_f64();
@@ -184,6 +193,7 @@ async fn fanout(n: u64) -> bool {
             row("publish time", fmt_dur(took), "", true),
             row("time until last delivery", fmt_dur(span), "", true),
             row("HTTP requests", sink.requests.load(Ordering::Relaxed).to_string(), "", true),
+            row("router CPU per delivered event", fmt_us(cpu, n * WEBHOOKS as u64), "", true),
             row("duplicates", sink.duplicates().to_string(), "", true),
             completeness(&sink, n * WEBHOOKS as u64),
         ],
@@ -200,8 +210,10 @@ async fn requests(n: u64) -> bool {
     config.delivery.max_events_per_payload = 1;
     let router = Router::start(&config).await;
     create_webhooks(&router, &sink, WEBHOOKS).await;
+    let cpu0 = router.cpu();
     publish(&router, n, PER_REQUEST, CLIENTS).await;
     let complete = sink.wait_complete(n, Duration::from_secs(600)).await;
+    let cpu = router.cpu().saturating_sub(cpu0);
     let (first, last) = sink.first_last();
     let reqs = sink.requests.load(Ordering::Relaxed);
     let rate = reqs as f64 / last.saturating_sub(first).as_secs_f64();
@@ -238,6 +250,7 @@ async fn requests(n: u64) -> bool {
                 ">= 50%",
                 rate / plain >= 0.5,
             ),
+            row("router CPU per request", fmt_us(cpu, reqs), "", true),
             row("duplicates", sink.duplicates().to_string(), "", true),
             completeness(&sink, n * WEBHOOKS as u64),
         ],
@@ -675,6 +688,11 @@ fn fmt_rate(r: f64) -> String {
         out.push(c);
     }
     out
+}
+
+/// CPU time per event, in µs.
+fn fmt_us(cpu: Duration, events: u64) -> String {
+    format!("{:.1} µs", cpu.as_secs_f64() * 1e6 / events as f64)
 }
 
 fn fmt_dur(d: Duration) -> String {

@@ -9,8 +9,10 @@
 //!   event id → seq(8); `m` → highest seq. One tree, so one batch makes an
 //!   ingest request atomic.
 //! - `lanes`: `L` ‖ webhook id ‖ `/` ‖ mode → LaneState (JSON); `D` ‖ webhook
-//!   id ‖ `/` ‖ delivery id → DeliveryRecord (JSON). One tree, so a lane's
-//!   cursor and its delivery record change in one atomic batch.
+//!   id ‖ `/` ‖ delivery id → DeliveryRecord (JSON); `Q` ‖ … requeued work.
+//!   A delivery record is always written before the lane state that points
+//!   at it (see `save_lane`), so a crash never leaves a lane pointing at
+//!   nothing.
 
 mod commit;
 mod deliveries;
