@@ -177,8 +177,8 @@ impl Router {
 
     /// CPU time (user + system) the router process has used so far.
     pub fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the parenthesised command name; utime and stime are
         // the 12th and 13th of those, in clock ticks (100 per second on Linux).
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);

@@ -222,7 +222,8 @@ impl Lane {
         state.cursor = scanned_to;
         state.head = Some(record.id.clone());
         store.save_lane(&self.webhook_id, self.tag(), state, &[&record])?;
-        Ok(Flow::Continue)
+        // Send at once with what is in hand; reading it back is for restarts.
+        self.send_head(&snap, state, record, &events).await
     }
 
     async fn deliver_head(
@@ -252,6 +253,19 @@ impl Lane {
             tracing::warn!(delivery_id = %record.id, "events of the delivery are no longer stored; dropped");
             return Ok(Flow::Continue);
         }
+        self.send_head(snap, state, record, &events).await
+    }
+
+    /// Attempts the head delivery (after its scheduled time) and records the outcome.
+    async fn send_head(
+        &mut self,
+        snap: &Arc<WebhookSnapshot>,
+        state: &mut LaneState,
+        record: DeliveryRecord,
+        events: &[crate::domain::event::StoredEvent],
+    ) -> Result<Flow> {
+        let inner = self.dispatcher.inner.clone();
+        let store = &inner.store;
         let wait_ms = record.next_attempt_ms - now_ms();
         if wait_ms > 0 {
             // A scheduled retry (possibly from before a restart).
