@@ -6,6 +6,7 @@ use futures::Stream;
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::auth::authorize_account;
 use super::convert::struct_to_json;
@@ -35,6 +36,14 @@ impl IngestService {
 
     /// Validates the whole request (all or none), then appends it.
     async fn publish(&self, r: &pb::PublishEventsRequest) -> Result<pb::PublishEventsResponse> {
+        let span = tracing::info_span!("ingest", account_id = r.account_id);
+        self.publish_inner(r).instrument(span).await
+    }
+
+    async fn publish_inner(
+        &self,
+        r: &pb::PublishEventsRequest,
+    ) -> Result<pb::PublishEventsResponse> {
         let events = validate_request(&self.state, r)?;
         let (outcomes, last_seq) = self
             .state
@@ -44,6 +53,20 @@ impl IngestService {
         self.state
             .dispatcher
             .events_appended(r.account_id, last_seq);
+        let stored = events
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| !o.duplicate)
+            .map(|(e, _)| e.event_name.as_str());
+        self.state.metrics.events_published(r.account_id, stored);
+        tracing::debug!(
+            events = events.len(),
+            duplicates = outcomes.iter().filter(|o| o.duplicate).count(),
+            first_event_id = events.first().map(|e| e.event_id.as_str()),
+            last_event_id = events.last().map(|e| e.event_id.as_str()),
+            last_seq,
+            "events stored"
+        );
         Ok(pb::PublishEventsResponse {
             results: outcomes
                 .into_iter()
