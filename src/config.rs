@@ -495,4 +495,30 @@ mod tests {
         assert!(!text.contains("supersecrettoken1"));
         assert!(text.contains("********"));
     }
+
+    #[test]
+    fn secret_keys_are_masked_wherever_they_are() {
+        assert!(is_secret_key("token") && is_secret_key("password"));
+        assert!(is_secret_key("encryption_key") && is_secret_key("keys"));
+        assert!(!is_secret_key("token_sha256") && !is_secret_key("key_file"));
+        let mut v: toml::Value = r#"
+            listen = "x"
+            [tls]
+            key_file = "/etc/key.pem"
+            client_secret = "s1"
+            [encryption]
+            keys = ["k1", "k2"]
+            [secrets]
+            nested = { value = "s2" }
+        "#
+        .parse::<toml::Table>()
+        .map(toml::Value::Table)
+        .unwrap();
+        mask_secrets(&mut v, false);
+        let text = v.to_string();
+        for secret in ["s1", "k1", "k2", "s2"] {
+            assert!(!text.contains(&format!("\"{secret}\"")), "{text}");
+        }
+        assert!(text.contains("/etc/key.pem") && text.contains("listen = \"x\""));
+    }
 }

@@ -9,7 +9,6 @@
 //! at scrape time by [`StoreCollector`], so nothing on the delivery path
 //! keeps them up to date.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -430,8 +429,9 @@ pub async fn serve(
     listener: TcpListener,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, "metrics listener serving /metrics");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics listener serving /metrics");
+    }
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
