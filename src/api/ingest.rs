@@ -156,7 +156,7 @@ pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Resul
     Ok(out)
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishEventsResponse, Status>> + Send>>;
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::StreamEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl EventIngest for IngestService {
@@ -172,7 +172,7 @@ impl EventIngest for IngestService {
 
     async fn stream_events(
         &self,
-        req: Request<Streaming<pb::PublishEventsRequest>>,
+        req: Request<Streaming<pb::StreamEventsRequest>>,
     ) -> Result<Response<Self::StreamEventsStream>, Status> {
         let principal = req.extensions().clone();
         let mut inbound = req.into_inner();
@@ -181,7 +181,11 @@ impl EventIngest for IngestService {
         tokio::spawn(async move {
             loop {
                 let msg = match inbound.message().await {
-                    Ok(Some(m)) => m,
+                    // Same fields and numbers as a PublishEvents request.
+                    Ok(Some(m)) => pb::PublishEventsRequest {
+                        account_id: m.account_id,
+                        events: m.events,
+                    },
                     Ok(None) => break,
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
@@ -196,7 +200,10 @@ impl EventIngest for IngestService {
                     Err(e) => Err(e),
                 };
                 let failed = result.is_err();
-                if tx.send(result.map_err(Status::from)).await.is_err() || failed {
+                let reply = result
+                    .map(|r| pb::StreamEventsResponse { results: r.results })
+                    .map_err(Status::from);
+                if tx.send(reply).await.is_err() || failed {
                     break;
                 }
             }
