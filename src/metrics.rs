@@ -192,11 +192,10 @@ impl Metrics {
     /// The handles one lane updates, labels resolved once.
     pub fn lane(&self, webhook_id: &str) -> LaneMetrics {
         let delivery = |outcome| {
-            self.deliveries
-                .get_or_create_owned(&DeliveryLabels {
-                    webhook_id: webhook_id.to_string(),
-                    outcome,
-                })
+            self.deliveries.get_or_create_owned(&DeliveryLabels {
+                webhook_id: webhook_id.to_string(),
+                outcome,
+            })
         };
         LaneMetrics {
             delivered: delivery("delivered"),
@@ -255,8 +254,7 @@ pub struct LaneMetrics {
 impl LaneMetrics {
     /// Records a failed HTTP attempt and whether a retry was scheduled.
     pub fn attempt_failed(&self, latency_ms: u32, retry_scheduled: bool) {
-        self.attempt_failure
-            .observe(f64::from(latency_ms) / 1000.0);
+        self.attempt_failure.observe(f64::from(latency_ms) / 1000.0);
         if retry_scheduled {
             self.retries.inc();
         }

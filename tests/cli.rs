@@ -158,7 +158,10 @@ async fn json_logs_carry_account_webhook_delivery_and_event_ids() {
         ],
     )
     .await;
-    assert_eq!(listener.wait_events(4, Duration::from_secs(10)).await.len(), 4);
+    assert_eq!(
+        listener.wait_events(4, Duration::from_secs(10)).await.len(),
+        4
+    );
     let delivery_id = listener.requests()[0].header("webhook-id");
     assert!(delivery_id.starts_with("msg_"), "{delivery_id}");
 
@@ -195,7 +198,10 @@ async fn json_logs_carry_account_webhook_delivery_and_event_ids() {
     assert_eq!(redelivered["webhook_id"], w.id.as_str());
     assert_eq!(redelivered["account_id"], 1010);
     assert_eq!(redelivered["requeued"], 1);
-    assert_eq!(listener.wait_events(6, Duration::from_secs(10)).await.len(), 6);
+    assert_eq!(
+        listener.wait_events(6, Duration::from_secs(10)).await.len(),
+        6
+    );
 
     // Nothing but JSON on stderr, secrets included nowhere.
     let all = router.lines.lock().unwrap().join("\n");
@@ -249,7 +255,10 @@ listen = "127.0.0.1:9090"
     // A hash is not the secret; it stays visible so operators can match it.
     assert_eq!(tokens[2]["token_sha256"].as_str(), Some(hash));
     assert_eq!(parsed["metrics"]["listen"].as_str(), Some("127.0.0.1:9090"));
-    assert_eq!(parsed["limits"]["max_webhooks_per_account"].as_integer(), Some(5));
+    assert_eq!(
+        parsed["limits"]["max_webhooks_per_account"].as_integer(),
+        Some(5)
+    );
 
     // Tokens set through the environment are masked the same way.
     let secret = "env-token-0123456789abcdef";

@@ -147,7 +147,11 @@ async fn metrics_move_with_publishing_delivery_retries_and_disabling() {
 
     let wa = a.id.as_str();
     let s = scrape_until(metrics_addr, |s| {
-        value(s, DELIVERIES, &[("webhook_id", wa), ("outcome", "delivered")]) == Some(1.0)
+        value(
+            s,
+            DELIVERIES,
+            &[("webhook_id", wa), ("outcome", "delivered")],
+        ) == Some(1.0)
     })
     .await;
     let enrollment = [("account_id", "1010"), ("event_type", "COURSE_ENROLLMENT")];
@@ -155,7 +159,11 @@ async fn metrics_move_with_publishing_delivery_retries_and_disabling() {
     let completed = [("account_id", "1010"), ("event_type", "COURSE_COMPLETED")];
     assert_eq!(value(&s, PUBLISHED, &completed), Some(1.0));
     assert_eq!(
-        value(&s, DELIVERIES, &[("webhook_id", wa), ("outcome", "delivered")]),
+        value(
+            &s,
+            DELIVERIES,
+            &[("webhook_id", wa), ("outcome", "delivered")]
+        ),
         Some(1.0)
     );
     assert_eq!(value(&s, RETRIES, &[("webhook_id", wa)]), Some(1.0));
@@ -250,7 +258,10 @@ async fn metrics_move_with_publishing_delivery_retries_and_disabling() {
     assert_eq!(value(&s, BACKLOG, &lane_b), Some(0.0));
     assert_eq!(value(&s, AGE, &lane_b), Some(0.0));
     assert_eq!(value(&s, REQUEUED_WAITING, &lane_a), Some(0.0));
-    assert_eq!(steady.wait_events(5, Duration::from_secs(10)).await.len(), 5);
+    assert_eq!(
+        steady.wait_events(5, Duration::from_secs(10)).await.len(),
+        5
+    );
 
     // 410 Gone: a dead payload and a webhook disabled.
     let gone = Listener::start(Arc::new(|_, _| (410, vec![], Duration::ZERO))).await;
@@ -261,12 +272,7 @@ async fn metrics_move_with_publishing_delivery_retries_and_disabling() {
     )
     .await;
     assert_eq!(value(&s, DISABLED, &[("reason", "gone")]), Some(0.0));
-    publish(
-        &mut ingest,
-        1010,
-        vec![event("c-1", "COURSE_COMPLETED", 9)],
-    )
-    .await;
+    publish(&mut ingest, 1010, vec![event("c-1", "COURSE_COMPLETED", 9)]).await;
     let wc = c.id.as_str();
     let s = scrape_until(metrics_addr, |s| {
         value(s, DISABLED, &[("reason", "gone")]) == Some(1.0)

@@ -304,7 +304,13 @@ impl Lane {
         };
         let stack = self.stack.clone();
         // Every attempt of this payload, and its log lines, in one span.
-        let attempt_span = tracing::info_span!("delivery", delivery_id = %record.id, first_event_id = record.event_ids.first().map(String::as_str), last_event_id = record.event_ids.last().map(String::as_str), events = record.event_ids.len());
+        let attempt_span = tracing::info_span!(
+            "delivery",
+            delivery_id = %record.id,
+            first_event_id = record.event_ids.first().map(String::as_str),
+            last_event_id = record.event_ids.last().map(String::as_str),
+            events = record.event_ids.len()
+        );
         let verdict = tokio::select! {
             v = stack.oneshot(req).instrument(attempt_span) => v,
             // New settings (URL, auth, retired, deleted): start over with them.
