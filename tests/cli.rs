@@ -25,9 +25,14 @@ struct JsonRouter {
 
 impl JsonRouter {
     fn start(config: &std::path::Path) -> JsonRouter {
+        Self::start_with_env(config, &[])
+    }
+
+    fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> JsonRouter {
         let mut child = Command::new(BIN)
             .args(["--log-json", "serve", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,webhook_router=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -207,6 +212,96 @@ async fn json_logs_carry_account_webhook_delivery_and_event_ids() {
     let all = router.lines.lock().unwrap().join("\n");
     assert!(!all.contains(ADMIN) && !all.contains(INGEST));
     assert!(router.json_lines().len() > 5);
+}
+
+#[tokio::test]
+async fn redelivering_many_deliveries_logs_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    // One event per payload, and no pacing to speak of, so 1001 deliveries
+    // are made quickly.
+    let router = JsonRouter::start_with_env(
+        &write_config(dir.path(), ""),
+        &[
+            ("WEBHOOK_ROUTER__DELIVERY__MAX_EVENTS_PER_PAYLOAD", "1"),
+            ("WEBHOOK_ROUTER__DELIVERY__RATE_LIMIT_PER_SECOND", "100000"),
+        ],
+    );
+    let serving = router.wait_for("webhook-router serving");
+    let channel = Channel::from_shared(format!("http://{}", serving["addr"].as_str().unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = WebhookAdminClient::with_interceptor(channel.clone(), bearer(ADMIN));
+    let mut ingest = EventIngestClient::with_interceptor(channel, bearer(INGEST));
+    let listener = Listener::ok().await;
+    let w = create(
+        &mut admin,
+        1010,
+        webhook("many", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
+    )
+    .await;
+    const N: usize = 1001;
+    let events: Vec<Event> = (0..N)
+        .map(|i| event(&format!("many-{i}"), "COURSE_ENROLLMENT", i as u64))
+        .collect();
+    for chunk in events.chunks(1000) {
+        publish(&mut ingest, 1010, chunk.to_vec()).await;
+    }
+    assert_eq!(
+        listener.wait_events(N, Duration::from_secs(60)).await.len(),
+        N
+    );
+    // Retired: the requeued deliveries wait, so the call is all there is.
+    admin
+        .retire_webhook(RetireWebhookRequest {
+            account_id: 1010,
+            webhook_id: w.id.clone(),
+        })
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_deliveries(ListDeliveriesRequest {
+                account_id: 1010,
+                webhook_id: w.id.clone(),
+                state: 0,
+                page_size: 1000,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.deliveries.into_iter().map(|d| d.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(ids.len(), N);
+    let answer = admin
+        .redeliver_events(RedeliverEventsRequest {
+            account_id: 1010,
+            webhook_id: w.id.clone(),
+            delivery_ids: ids,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.requeued_count as usize, N);
+    router.wait_for("redelivery requeued");
+    let progress: Vec<(u64, u64)> = router
+        .json_lines()
+        .into_iter()
+        .filter(|l| l["message"] == "redelivery progress")
+        .map(|l| {
+            assert_eq!(l["webhook_id"], w.id.as_str());
+            (l["done"].as_u64().unwrap(), l["total"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(progress, vec![(1000, N as u64), (N as u64, N as u64)]);
 }
 
 fn check_config(config: &std::path::Path, env: &[(&str, &str)]) -> (i32, String, String) {
