@@ -40,6 +40,8 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     /// Event types added to the built-in catalog.
     pub event_types: Vec<EventTypeConfig>,
+    /// The Prometheus metrics listener.
+    pub metrics: MetricsConfig,
 }
 
 /// `[limits]`
@@ -129,6 +131,14 @@ pub enum ModeConfig {
     Batch,
 }
 
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the HTTP listener serving `/metrics` (IP:port); absent: off.
+    pub listen: Option<String>,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -139,6 +149,7 @@ impl Default for Config {
             delivery: Delivery::default(),
             tokens: Vec::new(),
             event_types: Vec::new(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -291,6 +302,14 @@ impl Config {
                 }
             }
         }
+        if let Some(addr) = &self.metrics.listen {
+            if addr.parse::<SocketAddr>().is_err() {
+                return bad(
+                    "metrics.listen",
+                    "must be an IP:port socket address, e.g. 127.0.0.1:9090",
+                );
+            }
+        }
         let mut names = HashSet::new();
         for (i, e) in self.event_types.iter().enumerate() {
             let ok = !e.name.is_empty()
@@ -314,15 +333,55 @@ impl Config {
         Ok(())
     }
 
-    /// The effective config as TOML with token secrets masked.
+    /// The effective config as TOML with secrets masked: token values, and
+    /// any value whose key names a secret (see [`is_secret_key`]), so
+    /// sections added later are masked without a change here.
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
         for t in &mut masked.tokens {
             if t.token.is_some() {
-                t.token = Some("********".into());
+                t.token = Some(MASK.into());
             }
         }
-        toml::to_string_pretty(&masked).unwrap_or_default()
+        let mut value = match toml::Value::try_from(&masked) {
+            Ok(v) => v,
+            Err(e) => return format!("# cannot render the config: {e}\n"),
+        };
+        mask_secrets(&mut value, false);
+        toml::to_string_pretty(&value).unwrap_or_default()
+    }
+}
+
+/// What masked values are replaced with.
+const MASK: &str = "********";
+
+/// Whether a config key holds a secret: its last `_`-separated word is
+/// `token`, `password`, `secret`, `key` or a plural of those
+/// (`token_sha256` and `key_file` are not secrets: a hash and a path).
+pub fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('_').next().unwrap_or(key).to_ascii_lowercase();
+    matches!(
+        last.as_str(),
+        "token" | "tokens" | "password" | "passwords" | "secret" | "secrets" | "key" | "keys"
+    )
+}
+
+/// Replaces every string (and every string in an array) under a secret key.
+fn mask_secrets(value: &mut toml::Value, secret: bool) {
+    match value {
+        toml::Value::String(s) if secret => *s = MASK.into(),
+        toml::Value::Array(items) => items.iter_mut().for_each(|v| mask_secrets(v, secret)),
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                // `tokens` is a list of tables whose `token` field is masked
+                // by name; its other fields (role, account_ids) stay visible.
+                let list_of_tables =
+                    matches!(v, toml::Value::Array(a) if a.iter().all(|x| x.is_table()));
+                let inner_secret = secret || (is_secret_key(k) && !list_of_tables);
+                mask_secrets(v, inner_secret);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -435,5 +494,31 @@ mod tests {
         let text = c.to_masked_toml();
         assert!(!text.contains("supersecrettoken1"));
         assert!(text.contains("********"));
+    }
+
+    #[test]
+    fn secret_keys_are_masked_wherever_they_are() {
+        assert!(is_secret_key("token") && is_secret_key("password"));
+        assert!(is_secret_key("encryption_key") && is_secret_key("keys"));
+        assert!(!is_secret_key("token_sha256") && !is_secret_key("key_file"));
+        let mut v: toml::Value = r#"
+            listen = "x"
+            [tls]
+            key_file = "/etc/key.pem"
+            client_secret = "s1"
+            [encryption]
+            keys = ["k1", "k2"]
+            [secrets]
+            nested = { value = "s2" }
+        "#
+        .parse::<toml::Table>()
+        .map(toml::Value::Table)
+        .unwrap();
+        mask_secrets(&mut v, false);
+        let text = v.to_string();
+        for secret in ["s1", "k1", "k2", "s2"] {
+            assert!(!text.contains(&format!("\"{secret}\"")), "{text}");
+        }
+        assert!(text.contains("/etc/key.pem") && text.contains("listen = \"x\""));
     }
 }

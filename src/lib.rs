@@ -13,6 +13,7 @@
 //!   signatures and the destination guard.
 //! - [`server`]: wiring: builds the services and serves them until shutdown.
 //! - [`telemetry`]: logging setup.
+//! - [`metrics`]: Prometheus metrics and the `/metrics` listener.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -22,6 +23,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod store;

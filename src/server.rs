@@ -20,6 +20,7 @@ use crate::config::{Config, Role, TokenConfig};
 use crate::delivery::Dispatcher;
 use crate::domain::catalog::Catalog;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::proto::v1::event_ingest_server::EventIngestServer;
 use crate::proto::v1::webhook_admin_server::WebhookAdminServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -33,22 +34,47 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Runs the router on `listener` until `shutdown` resolves, then drains:
 /// the server stops accepting, lanes finish or requeue within
-/// `shutdown_grace_ms`, and the store is flushed.
+/// `shutdown_grace_ms`, and the store is flushed. When `metrics.listen` is
+/// set, `/metrics` is served there too.
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let metrics_listener = match &config.metrics.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            Error::Unavailable(format!("cannot listen on {addr} (metrics.listen): {e}"))
+        })?),
+        None => None,
+    };
+    run_with_metrics_listener(config, listener, metrics_listener, shutdown).await
+}
+
+/// Like [`run`], serving `/metrics` on `metrics_listener` when given (the
+/// caller binds it, e.g. on port 0 in tests) instead of `metrics.listen`.
+pub async fn run_with_metrics_listener(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let config = Arc::new(config);
     let store = open_store_with_retry(&config.data_dir).await?;
     let tokens = Arc::new(TokenTable::new(&resolve_tokens(&config, &store).await?));
     let catalog = Arc::new(Catalog::new(&config.event_types));
-    let dispatcher = Dispatcher::start(store.clone(), config.clone(), catalog.clone())?;
+    let metrics = Arc::new(Metrics::new(Some((store.clone(), catalog.clone()))));
+    let dispatcher = Dispatcher::start_with_metrics(
+        store.clone(),
+        config.clone(),
+        catalog.clone(),
+        metrics.clone(),
+    )?;
     let state = AppState {
         config: config.clone(),
         catalog,
         store: store.clone(),
         dispatcher: dispatcher.clone(),
+        metrics: metrics.clone(),
     };
 
     let admin = InterceptedService::new(
@@ -93,6 +119,9 @@ pub async fn run(
         let _ = signal_tx.send(true);
     });
     let mut graceful = signal_rx.clone();
+    if let Some(l) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(metrics, l, signal_rx.clone()));
+    }
     let serve = Server::builder()
         .add_service(admin)
         .add_service(ingest)

@@ -681,14 +681,36 @@ async fn deeply_nested_data_is_accepted_up_to_the_decoder_limit() {
 
 // ------------------------------------------------------------ StreamEvents
 
-fn request(account_id: u64, ids: &[&str]) -> PublishEventsRequest {
-    PublishEventsRequest {
+fn request(account_id: u64, ids: &[&str]) -> StreamEventsRequest {
+    StreamEventsRequest {
         account_id,
         events: ids
             .iter()
             .map(|id| event(id, "COURSE_ENROLLMENT", 1))
             .collect(),
     }
+}
+
+#[test]
+fn stream_messages_are_wire_compatible_with_publish_messages() {
+    // StreamEvents used PublishEventsRequest/Response before it had its own
+    // messages: clients built then must keep working, in both directions.
+    let publish = PublishEventsRequest {
+        account_id: 1010,
+        events: vec![event("w-1", "COURSE_ENROLLMENT", 7)],
+    };
+    let stream = StreamEventsRequest::decode(&publish.encode_to_vec()[..]).unwrap();
+    assert_eq!(stream.account_id, 1010);
+    assert_eq!(stream.events, publish.events);
+    assert_eq!(stream.encode_to_vec(), publish.encode_to_vec());
+    let answer = StreamEventsResponse {
+        results: vec![PublishResult {
+            event_id: "w-1".into(),
+            duplicate: true,
+        }],
+    };
+    let old = PublishEventsResponse::decode(&answer.encode_to_vec()[..]).unwrap();
+    assert_eq!(old.results, answer.results);
 }
 
 #[tokio::test]

@@ -155,9 +155,11 @@ async fn sigkill_with_retrying_deliveries_then_restart_delivers_everything() {
 
     healthy.store(true, Ordering::SeqCst);
     let failed_before = listener.requests().len();
+    // wait_events counts event ids, not requests.
+    let ids_before = listener.event_ids().len();
     let mut router = Router::start(&config);
     let got = listener
-        .wait_events(failed_before + 30, Duration::from_secs(20))
+        .wait_events(ids_before + 30, Duration::from_secs(20))
         .await;
     let delivered: Vec<String> = listener.requests()[failed_before..]
         .iter()

@@ -523,8 +523,10 @@ impl WebhookAdmin for AdminService {
         // Requeue in chunks so progress is visible in the log on big redeliveries.
         for (n, chunk) in originals.chunks(1000).enumerate() {
             store.requeue(&w.id, chunk, now_ms())?;
+            self.state.metrics.redelivery_requeued(chunk.len() as u64);
             if total > 1000 {
                 tracing::info!(
+                    account_id = r.account_id,
                     webhook_id = %w.id,
                     done = ((n + 1) * 1000).min(total),
                     total,
@@ -533,6 +535,12 @@ impl WebhookAdmin for AdminService {
             }
         }
         store.flush().await?;
+        tracing::info!(
+            account_id = r.account_id,
+            webhook_id = %w.id,
+            requeued = total,
+            "redelivery requeued"
+        );
         self.state.dispatcher.refresh(r.account_id, &w.id);
         Ok(Response::new(pb::RedeliverEventsResponse {
             requeued_count: total as u32,

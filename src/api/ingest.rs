@@ -6,6 +6,7 @@ use futures::Stream;
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::auth::authorize_account;
 use super::convert::struct_to_json;
@@ -35,6 +36,14 @@ impl IngestService {
 
     /// Validates the whole request (all or none), then appends it.
     async fn publish(&self, r: &pb::PublishEventsRequest) -> Result<pb::PublishEventsResponse> {
+        let span = tracing::info_span!("ingest", account_id = r.account_id);
+        self.publish_inner(r).instrument(span).await
+    }
+
+    async fn publish_inner(
+        &self,
+        r: &pb::PublishEventsRequest,
+    ) -> Result<pb::PublishEventsResponse> {
         let events = validate_request(&self.state, r)?;
         let (outcomes, last_seq) = self
             .state
@@ -44,6 +53,20 @@ impl IngestService {
         self.state
             .dispatcher
             .events_appended(r.account_id, last_seq);
+        let stored = events
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| !o.duplicate)
+            .map(|(e, _)| e.event_name.as_str());
+        self.state.metrics.events_published(r.account_id, stored);
+        tracing::debug!(
+            events = events.len(),
+            duplicates = outcomes.iter().filter(|o| o.duplicate).count(),
+            first_event_id = events.first().map(|e| e.event_id.as_str()),
+            last_event_id = events.last().map(|e| e.event_id.as_str()),
+            last_seq,
+            "events stored"
+        );
         Ok(pb::PublishEventsResponse {
             results: outcomes
                 .into_iter()
@@ -133,7 +156,7 @@ pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Resul
     Ok(out)
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishEventsResponse, Status>> + Send>>;
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::StreamEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl EventIngest for IngestService {
@@ -149,7 +172,7 @@ impl EventIngest for IngestService {
 
     async fn stream_events(
         &self,
-        req: Request<Streaming<pb::PublishEventsRequest>>,
+        req: Request<Streaming<pb::StreamEventsRequest>>,
     ) -> Result<Response<Self::StreamEventsStream>, Status> {
         let principal = req.extensions().clone();
         let mut inbound = req.into_inner();
@@ -158,7 +181,11 @@ impl EventIngest for IngestService {
         tokio::spawn(async move {
             loop {
                 let msg = match inbound.message().await {
-                    Ok(Some(m)) => m,
+                    // Same fields and numbers as a PublishEvents request.
+                    Ok(Some(m)) => pb::PublishEventsRequest {
+                        account_id: m.account_id,
+                        events: m.events,
+                    },
                     Ok(None) => break,
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
@@ -173,7 +200,10 @@ impl EventIngest for IngestService {
                     Err(e) => Err(e),
                 };
                 let failed = result.is_err();
-                if tx.send(result.map_err(Status::from)).await.is_err() || failed {
+                let reply = result
+                    .map(|r| pb::StreamEventsResponse { results: r.results })
+                    .map_err(Status::from);
+                if tx.send(reply).await.is_err() || failed {
                     break;
                 }
             }

@@ -24,4 +24,6 @@ pub struct AppState {
     pub store: Store,
     /// Delivery engine.
     pub dispatcher: Dispatcher,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }

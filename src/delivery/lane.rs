@@ -40,6 +40,8 @@ pub(super) struct Lane {
     pub log: watch::Receiver<u64>,
     /// retry ▶ rate limit ▶ auth ▶ timeout ▶ client.
     pub stack: BoxCloneSyncService<RetryRequest, Verdict, BoxError>,
+    /// This lane's metric handles.
+    pub metrics: crate::metrics::LaneMetrics,
 }
 
 enum Flow {
@@ -281,7 +283,9 @@ impl Lane {
             let shared = shared.clone();
             let store = store.clone();
             let outcomes = inner.outcomes.clone();
+            let metrics = self.metrics.clone();
             Arc::new(move |attempt, next| {
+                metrics.attempt_failed(attempt.latency_ms, next.is_some());
                 let mut r = shared.lock().unwrap_or_else(|p| p.into_inner());
                 r.push_attempt(attempt.clone());
                 tracing::info!(
@@ -313,12 +317,21 @@ impl Lane {
             observer,
         };
         let stack = self.stack.clone();
+        // Every attempt of this payload, and its log lines, in one span.
+        let attempt_span = tracing::info_span!(
+            "delivery",
+            delivery_id = %record.id,
+            first_event_id = record.event_ids.first().map(String::as_str),
+            last_event_id = record.event_ids.last().map(String::as_str),
+            events = record.event_ids.len()
+        );
         let verdict = tokio::select! {
-            v = stack.oneshot(req) => v,
+            v = stack.oneshot(req).instrument(attempt_span) => v,
             // New settings (URL, auth, retired, deleted): start over with them.
             // The attempts so far are persisted by the observer.
             _ = self.snapshot.changed() => return Ok(Flow::Continue),
         };
+        self.metrics.verdict(&verdict);
         let mut r = shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let disable_reason = match verdict {
             Ok(Verdict::Delivered(attempt)) => {

@@ -68,6 +68,8 @@ struct Inner {
     outcomes: broadcast::Sender<DeliveryRecord>,
     /// True once shutdown began.
     stop: watch::Sender<bool>,
+    /// Prometheus metrics; each lane caches its own handles.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The two lanes of one webhook and what they share.
@@ -79,6 +81,16 @@ struct LaneSet {
 impl Dispatcher {
     /// Builds the engine and starts a lane pair for every stored webhook.
     pub fn start(store: Store, config: Arc<Config>, catalog: Arc<Catalog>) -> Result<Dispatcher> {
+        Self::start_with_metrics(store, config, catalog, Arc::default())
+    }
+
+    /// Like [`Dispatcher::start`], recording into `metrics`.
+    pub fn start_with_metrics(
+        store: Store,
+        config: Arc<Config>,
+        catalog: Arc<Catalog>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Dispatcher> {
         let d = &config.delivery;
         let client = HttpClient::new(ClientSettings {
             connect_timeout: Duration::from_millis(d.connect_timeout_ms),
@@ -105,6 +117,7 @@ impl Dispatcher {
                 accounts: Mutex::new(HashMap::new()),
                 outcomes,
                 stop,
+                metrics,
             }),
         };
         for w in store.all_webhooks()? {
@@ -156,6 +169,7 @@ impl Dispatcher {
                             mode,
                             snapshot: tx.subscribe(),
                             log: log.clone(),
+                            metrics: self.inner.metrics.lane(webhook_id),
                             stack: stack::lane_stack(
                                 self.inner.attempt.clone(),
                                 pacer.clone(),
@@ -186,6 +200,7 @@ impl Dispatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(webhook_id);
+        self.inner.metrics.forget_webhook(webhook_id);
         if let Some(set) = set {
             set.snapshot.send_replace(None);
             for t in set.tasks {

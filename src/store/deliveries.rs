@@ -50,7 +50,7 @@ fn lane_key(webhook_id: &str, mode: ModeTag) -> Vec<u8> {
     k
 }
 
-fn requeued_key(webhook_id: &str, mode: ModeTag, delivery_id: &str) -> Vec<u8> {
+pub(super) fn requeued_key(webhook_id: &str, mode: ModeTag, delivery_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(webhook_id.len() + delivery_id.len() + 3);
     k.push(REQUEUED);
     k.extend_from_slice(webhook_id.as_bytes());

@@ -36,7 +36,7 @@ pub struct AppendOutcome {
     pub duplicate: bool,
 }
 
-fn event_key(account_id: u64, seq: u64) -> [u8; 17] {
+pub(super) fn event_key(account_id: u64, seq: u64) -> [u8; 17] {
     let mut k = [0u8; 17];
     k[0] = EVENT;
     k[1..9].copy_from_slice(&account_key(account_id));
@@ -64,7 +64,7 @@ fn encode_record(ingest_ms: i64, e: &NewEvent) -> Vec<u8> {
 }
 
 /// Splits a record into (ingest_ms, name, id, json) without copying.
-fn split_record(v: &[u8]) -> Result<(i64, &str, &str, &str)> {
+pub(super) fn split_record(v: &[u8]) -> Result<(i64, &str, &str, &str)> {
     let corrupt = || Error::Internal("corrupt event record".into());
     let ingest = i64::from_be_bytes(
         v.get(..8)

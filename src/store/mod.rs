@@ -17,6 +17,7 @@
 mod commit;
 mod deliveries;
 mod log;
+mod stats;
 mod webhooks;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 pub use commit::GroupCommit;
 pub use deliveries::{DeliveryPage, LaneState};
 pub use log::AppendOutcome;
+pub use stats::LaneBacklog;
 
 use crate::config::TokenConfig;
 use crate::error::{Error, Result};

@@ -420,3 +420,42 @@ impl Drop for Listener {
         self.task.abort();
     }
 }
+
+// ------------------------------------------------------------------- metrics
+
+impl TestServer {
+    /// Like [`TestServer::start`], also serving `/metrics` on a second
+    /// listener bound to 127.0.0.1:0; returns the server and that address.
+    pub async fn start_with_metrics(config: Config) -> (TestServer, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
+        let data_dir = config.data_dir.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(webhook_router::server::run_with_metrics_listener(
+            config,
+            listener,
+            Some(metrics),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        let server = TestServer {
+            addr,
+            data_dir,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        };
+        (server, metrics_addr)
+    }
+}
+
+/// GET http://{addr}{path}: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("GET");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}

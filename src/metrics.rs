@@ -1,0 +1,474 @@
+//! Prometheus metrics: one [`Metrics`] registry shared (behind an `Arc`) by
+//! ingest, the delivery engine and the admin service, and the optional HTTP
+//! listener that serves it at `/metrics` in the OpenMetrics text format.
+//!
+//! Hot paths only touch atomics: ingest adds once per event type of a
+//! request, and each lane holds a [`LaneMetrics`] with its label sets
+//! resolved once, so an attempt never builds labels. Lane backlog, the age
+//! of the oldest pending event and the store size are read from the store
+//! at scrape time by [`StoreCollector`], so nothing on the delivery path
+//! keeps them up to date.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use tower::BoxError;
+
+use crate::delivery::stack::Verdict;
+use crate::domain::catalog::{Catalog, Mode};
+use crate::domain::delivery::ModeTag;
+use crate::domain::now_ms;
+use crate::store::Store;
+
+/// Most log records one scrape examines per lane to count its backlog; a
+/// lane further behind reports this many and sets `…_backlog_capped`.
+pub const BACKLOG_SCAN_LIMIT: usize = 100_000;
+
+/// Content type of the OpenMetrics text exposition.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    account_id: u64,
+    event_type: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    webhook_id: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    webhook_id: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LaneLabels {
+    account_id: u64,
+    webhook_id: String,
+    mode: &'static str,
+}
+
+/// Every metric family of one router process.
+#[derive(Debug)]
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    registry: Registry,
+    /// Events stored (duplicates excluded), by account and event type.
+    events_published: Family<EventLabels, Counter>,
+    /// Finished payloads by webhook and outcome (`delivered`, `dead`).
+    deliveries: Family<DeliveryLabels, Counter>,
+    /// Duration of each HTTP attempt, by result (`success`, `failure`).
+    attempt_duration: Family<ResultLabels, Histogram>,
+    /// Failed attempts followed by a scheduled retry, by webhook.
+    retries: Family<WebhookLabels, Counter>,
+    /// Webhooks the service disabled, by reason.
+    webhooks_disabled: Family<ReasonLabels, Counter>,
+    /// Deliveries requeued by RedeliverEvents, counted as each chunk is stored.
+    redelivery_requeued: Counter,
+}
+
+fn attempt_histogram() -> Histogram {
+    // 5 ms … ~41 s: loopback answers to listeners at their request timeout.
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+impl Metrics {
+    /// A registry with every family registered. With `store`, the lane and
+    /// store gauges are computed from it at each scrape.
+    pub fn new(store: Option<(Store, Arc<Catalog>)>) -> Metrics {
+        let mut registry = Registry::with_prefix("webhook_router");
+        let events_published = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "events_published",
+            "Events stored, duplicates excluded, by account and event type",
+            events_published.clone(),
+        );
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Payloads finished, by webhook and outcome (delivered or dead)",
+            deliveries.clone(),
+        );
+        let attempt_duration =
+            Family::<ResultLabels, Histogram>::new_with_constructor(attempt_histogram as fn() -> _);
+        registry.register(
+            "delivery_attempt_duration_seconds",
+            "Duration of each HTTP delivery attempt, by result (success or failure)",
+            attempt_duration.clone(),
+        );
+        let retries = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "retries_scheduled",
+            "Failed delivery attempts followed by a scheduled retry, by webhook",
+            retries.clone(),
+        );
+        let webhooks_disabled = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "webhooks_disabled",
+            "Webhooks the service disabled, by reason (gone or retries_exhausted)",
+            webhooks_disabled.clone(),
+        );
+        let redelivery_requeued = Counter::default();
+        registry.register(
+            "redelivery_requeued",
+            "Deliveries requeued by RedeliverEvents (grows chunk by chunk during a large call)",
+            redelivery_requeued.clone(),
+        );
+        if let Some((store, catalog)) = store {
+            registry.register_collector(Box::new(StoreCollector { store, catalog }));
+        }
+        Metrics {
+            registry,
+            events_published,
+            deliveries,
+            attempt_duration,
+            retries,
+            webhooks_disabled,
+            redelivery_requeued,
+        }
+    }
+
+    /// The whole registry in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    /// Counts the stored (non-duplicate) events of one request: one
+    /// increment per event type present, not per event.
+    pub fn events_published<'a>(&self, account_id: u64, names: impl Iterator<Item = &'a str>) {
+        let mut counts: Vec<(&str, u64)> = Vec::new();
+        for name in names {
+            match counts.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((name, 1)),
+            }
+        }
+        for (name, n) in counts {
+            self.events_published
+                .get_or_create(&EventLabels {
+                    account_id,
+                    event_type: name.to_string(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// Counts deliveries requeued by RedeliverEvents.
+    pub fn redelivery_requeued(&self, n: u64) {
+        self.redelivery_requeued.inc_by(n);
+    }
+
+    /// The handles one lane updates, labels resolved once.
+    pub fn lane(&self, webhook_id: &str) -> LaneMetrics {
+        let delivery = |outcome| {
+            self.deliveries.get_or_create_owned(&DeliveryLabels {
+                webhook_id: webhook_id.to_string(),
+                outcome,
+            })
+        };
+        LaneMetrics {
+            delivered: delivery("delivered"),
+            dead: delivery("dead"),
+            retries: self.retries.get_or_create_owned(&WebhookLabels {
+                webhook_id: webhook_id.to_string(),
+            }),
+            attempt_success: self
+                .attempt_duration
+                .get_or_create_owned(&ResultLabels { result: "success" }),
+            attempt_failure: self
+                .attempt_duration
+                .get_or_create_owned(&ResultLabels { result: "failure" }),
+            disabled_gone: self
+                .webhooks_disabled
+                .get_or_create_owned(&ReasonLabels { reason: "gone" }),
+            disabled_exhausted: self.webhooks_disabled.get_or_create_owned(&ReasonLabels {
+                reason: "retries_exhausted",
+            }),
+        }
+    }
+
+    /// Drops a deleted webhook's series.
+    pub fn forget_webhook(&self, webhook_id: &str) {
+        for outcome in ["delivered", "dead"] {
+            self.deliveries.remove(&DeliveryLabels {
+                webhook_id: webhook_id.to_string(),
+                outcome,
+            });
+        }
+        self.retries.remove(&WebhookLabels {
+            webhook_id: webhook_id.to_string(),
+        });
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new(None)
+    }
+}
+
+/// One lane's metric handles: clones of the registered series (shared
+/// atomics), so updating them allocates nothing and takes no map lock.
+#[derive(Debug, Clone)]
+pub struct LaneMetrics {
+    delivered: Counter,
+    dead: Counter,
+    retries: Counter,
+    attempt_success: Histogram,
+    attempt_failure: Histogram,
+    disabled_gone: Counter,
+    disabled_exhausted: Counter,
+}
+
+impl LaneMetrics {
+    /// Records a failed HTTP attempt and whether a retry was scheduled.
+    pub fn attempt_failed(&self, latency_ms: u32, retry_scheduled: bool) {
+        self.attempt_failure.observe(f64::from(latency_ms) / 1000.0);
+        if retry_scheduled {
+            self.retries.inc();
+        }
+    }
+
+    /// Records how a payload ended. Failed attempts were recorded one by
+    /// one with [`LaneMetrics::attempt_failed`]; the successful one is here.
+    pub fn verdict(&self, verdict: &Result<Verdict, BoxError>) {
+        match verdict {
+            Ok(Verdict::Delivered(attempt)) => {
+                self.attempt_success
+                    .observe(f64::from(attempt.latency_ms) / 1000.0);
+                self.delivered.inc();
+            }
+            Ok(Verdict::Gone(_)) => {
+                self.dead.inc();
+                self.disabled_gone.inc();
+            }
+            Ok(Verdict::Dead(_)) => {
+                self.dead.inc();
+                self.disabled_exhausted.inc();
+            }
+            Ok(Verdict::Stopped) | Err(_) => {}
+        }
+    }
+}
+
+/// Computes the lane gauges and the store size from the store at scrape time.
+struct StoreCollector {
+    store: Store,
+    catalog: Arc<Catalog>,
+}
+
+impl std::fmt::Debug for StoreCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreCollector")
+    }
+}
+
+/// One lane's scrape-time figures.
+struct LaneFigures {
+    labels: LaneLabels,
+    backlog: u64,
+    capped: bool,
+    oldest_age_s: f64,
+    requeued: u64,
+}
+
+impl StoreCollector {
+    fn lanes(&self) -> crate::error::Result<Vec<LaneFigures>> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        for w in self.store.all_webhooks()? {
+            for mode in [Mode::Realtime, Mode::Batch] {
+                let types: std::collections::HashSet<String> = w
+                    .event_types
+                    .iter()
+                    .filter(|t| self.catalog.mode(t) == Some(mode))
+                    .cloned()
+                    .collect();
+                if types.is_empty() {
+                    continue;
+                }
+                let tag: ModeTag = mode.into();
+                let b = self.store.lane_backlog(
+                    w.account_id,
+                    &w.id,
+                    tag,
+                    &types,
+                    BACKLOG_SCAN_LIMIT,
+                )?;
+                out.push(LaneFigures {
+                    labels: LaneLabels {
+                        account_id: w.account_id,
+                        webhook_id: w.id.clone(),
+                        mode: match mode {
+                            Mode::Realtime => "realtime",
+                            Mode::Batch => "batch",
+                        },
+                    },
+                    backlog: b.events,
+                    capped: b.capped,
+                    oldest_age_s: b
+                        .oldest_ingest_ms
+                        .map(|t| (now - t).max(0) as f64 / 1000.0)
+                        .unwrap_or(0.0),
+                    requeued: b.requeued,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn gauge_family<N: prometheus_client::encoding::EncodeGaugeValue + Copy>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    lanes: &[LaneFigures],
+    value: impl Fn(&LaneFigures) -> N,
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for lane in lanes {
+        let gauge = ConstGauge::new(value(lane));
+        gauge.encode(family.encode_family(&lane.labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let size = ConstGauge::new(self.store.size_on_disk() as i64);
+        size.encode(encoder.encode_descriptor(
+            "store_size_bytes",
+            "Bytes the database occupies on disk (sled size_on_disk)",
+            None,
+            size.metric_type(),
+        )?)?;
+        let lanes = match self.lanes() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read lane state for metrics");
+                return Ok(());
+            }
+        };
+        gauge_family(
+            &mut encoder,
+            "lane_backlog_events",
+            "Events stored for the lane and not yet delivered or dead (the payload in flight included)",
+            &lanes,
+            |l| l.backlog as i64,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "lane_backlog_capped",
+            "1 when the lane is so far behind that the backlog count stopped at the scan limit",
+            &lanes,
+            |l| i64::from(l.capped),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "lane_oldest_pending_age_seconds",
+            "Age of the oldest event the lane has not delivered yet (0 when none)",
+            &lanes,
+            |l| l.oldest_age_s,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "lane_requeued_deliveries",
+            "Deliveries requeued by RedeliverEvents still waiting to be sent",
+            &lanes,
+            |l| l.requeued as i64,
+        )?;
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves. Every
+/// other path answers 404.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics listener serving /metrics");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics"
+                        && matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+                    {
+                        // Encoding reads sled; keep it off the async workers.
+                        let text = tokio::task::spawn_blocking(move || metrics.encode())
+                            .await
+                            .unwrap_or_default();
+                        hyper::Response::builder()
+                            .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
+                            .body(Full::new(Bytes::from(text)))
+                    } else {
+                        hyper::Response::builder()
+                            .status(http::StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"not found; try /metrics\n")))
+                    };
+                    Ok::<_, http::Error>(resp.unwrap_or_default())
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

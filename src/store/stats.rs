@@ -1,0 +1,69 @@
+//! Read-only figures about lanes for metrics, computed from what is stored:
+//! how many events a lane still owes its webhook and how old the oldest is.
+
+use std::collections::HashSet;
+
+use super::deliveries::requeued_key;
+use super::log::{event_key, split_record};
+use super::Store;
+use crate::domain::delivery::ModeTag;
+use crate::error::Result;
+
+/// What one lane still has to send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaneBacklog {
+    /// Events of the lane's types after its cursor, plus those of the
+    /// payload at its head (in flight or waiting for a retry).
+    pub events: u64,
+    /// True when counting stopped at the scan limit (there are more).
+    pub capped: bool,
+    /// Ingest time of the oldest of those events, epoch ms.
+    pub oldest_ingest_ms: Option<i64>,
+    /// Deliveries requeued by RedeliverEvents not yet taken by the lane.
+    pub requeued: u64,
+}
+
+impl Store {
+    /// Counts a lane's backlog, examining at most `scan_limit` log records
+    /// after its cursor. Reads only; copies no event bodies.
+    pub fn lane_backlog(
+        &self,
+        account_id: u64,
+        webhook_id: &str,
+        mode: ModeTag,
+        types: &HashSet<String>,
+        scan_limit: usize,
+    ) -> Result<LaneBacklog> {
+        let mut out = LaneBacklog::default();
+        let Some(state) = self.lane(webhook_id, mode)? else {
+            return Ok(out);
+        };
+        if let Some(head) = &state.head {
+            if let Some(record) = self.delivery(webhook_id, head)? {
+                out.events += record.seqs.len() as u64;
+                if let Some(first) = record.seqs.first() {
+                    if let Some(v) = self.inner.log.get(event_key(account_id, *first))? {
+                        out.oldest_ingest_ms = Some(split_record(&v)?.0);
+                    }
+                }
+            }
+        }
+        let start = event_key(account_id, state.cursor.saturating_add(1));
+        let end = event_key(account_id, u64::MAX);
+        for (n, item) in self.inner.log.range(start..=end).enumerate() {
+            if n >= scan_limit {
+                out.capped = true;
+                break;
+            }
+            let (_, v) = item?;
+            let (ingest_ms, name, _, _) = split_record(&v)?;
+            if types.contains(name) {
+                out.events += 1;
+                out.oldest_ingest_ms.get_or_insert(ingest_ms);
+            }
+        }
+        let prefix = requeued_key(webhook_id, mode, "");
+        out.requeued = self.inner.lanes.scan_prefix(&prefix).count() as u64;
+        Ok(out)
+    }
+}
