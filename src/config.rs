@@ -40,6 +40,10 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     /// Event types added to the built-in catalog.
     pub event_types: Vec<EventTypeConfig>,
+    /// TLS for the gRPC listener (off unless both paths are set).
+    pub tls: Tls,
+    /// Storage options: encryption at rest of secrets and passwords.
+    pub storage: Storage,
 }
 
 /// `[limits]`
@@ -52,6 +56,58 @@ pub struct Limits {
     pub max_events_per_request: u32,
     /// Largest accepted event (protobuf-encoded size), in bytes.
     pub max_event_bytes: u32,
+    /// Largest gRPC request message, in bytes; larger ones are refused with
+    /// INVALID_ARGUMENT before they are decoded.
+    pub max_request_bytes: u32,
+    /// Requests the server works on at once (streams count until their
+    /// response starts); more are shed with UNAVAILABLE.
+    pub max_concurrent_requests: u32,
+    /// Calls (and StreamEvents messages) one token may make per second,
+    /// refilled continuously; 0 turns the per-token rate limit off.
+    pub requests_per_second_per_token: u32,
+    /// Calls a token may make in a burst above that rate; 0 means the same
+    /// as `requests_per_second_per_token`.
+    pub request_burst_per_token: u32,
+}
+
+/// `[tls]`: PEM files for the gRPC listener. Both empty: plain text.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// Certificate chain, PEM, leaf first.
+    pub cert_path: PathBuf,
+    /// Private key of the leaf certificate, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
+}
+
+impl Tls {
+    /// Whether TLS is configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.as_os_str().is_empty()
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// Base64 of 32 random bytes: the AES-256-GCM key that encrypts webhook
+    /// signing secrets and Basic-auth passwords at rest. Empty: stored plain.
+    pub secret_key: String,
+}
+
+impl Storage {
+    /// The decoded key, if one is set (validated by [`Config::validate`]).
+    pub fn secret_key_bytes(&self) -> Option<[u8; 32]> {
+        use base64::Engine;
+        if self.secret_key.is_empty() {
+            return None;
+        }
+        base64::engine::general_purpose::STANDARD
+            .decode(self.secret_key.trim())
+            .ok()
+            .and_then(|k| k.try_into().ok())
+    }
 }
 
 /// `[delivery]`
@@ -139,6 +195,8 @@ impl Default for Config {
             delivery: Delivery::default(),
             tokens: Vec::new(),
             event_types: Vec::new(),
+            tls: Tls::default(),
+            storage: Storage::default(),
         }
     }
 }
@@ -149,6 +207,10 @@ impl Default for Limits {
             max_webhooks_per_account: 5,
             max_events_per_request: 1000,
             max_event_bytes: 262_144,
+            max_request_bytes: 16 * 1024 * 1024,
+            max_concurrent_requests: 512,
+            requests_per_second_per_token: 0,
+            request_burst_per_token: 0,
         }
     }
 }
@@ -241,6 +303,27 @@ impl Config {
         if !(64..=16 * 1024 * 1024).contains(&l.max_event_bytes) {
             return bad("limits.max_event_bytes", "must be 64..=16777216");
         }
+        if !(1024..=1024 * 1024 * 1024).contains(&l.max_request_bytes) {
+            return bad("limits.max_request_bytes", "must be 1024..=1073741824");
+        }
+        if u64::from(l.max_request_bytes) < u64::from(l.max_event_bytes) + 1024 {
+            return bad(
+                "limits.max_request_bytes",
+                "must be at least limits.max_event_bytes + 1024, so one largest event fits",
+            );
+        }
+        if l.max_concurrent_requests == 0 {
+            return bad("limits.max_concurrent_requests", "must be at least 1");
+        }
+        if self.tls.cert_path.as_os_str().is_empty() != self.tls.key_path.as_os_str().is_empty() {
+            return bad("tls", "set both cert_path and key_path, or neither");
+        }
+        if !self.storage.secret_key.is_empty() && self.storage.secret_key_bytes().is_none() {
+            return bad(
+                "storage.secret_key",
+                "must be the standard base64 of exactly 32 bytes (e.g. `openssl rand -base64 32`)",
+            );
+        }
         let d = &self.delivery;
         if !(1..=10_000).contains(&d.max_events_per_payload) {
             return bad("delivery.max_events_per_payload", "must be 1..=10000");
@@ -321,6 +404,9 @@ impl Config {
             if t.token.is_some() {
                 t.token = Some("********".into());
             }
+        }
+        if !masked.storage.secret_key.is_empty() {
+            masked.storage.secret_key = "********".into();
         }
         toml::to_string_pretty(&masked).unwrap_or_default()
     }
