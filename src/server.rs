@@ -230,7 +230,10 @@ fn load_tls(config: &Config) -> Result<Option<ServerTlsConfig>> {
     };
     let cert = read("cert_path", &config.tls.cert_path)?;
     let key = read("key_path", &config.tls.key_path)?;
-    Ok(Some(
-        ServerTlsConfig::new().identity(Identity::from_pem(cert, key)),
-    ))
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    // Parse the PEM now, before anything else starts.
+    Server::builder()
+        .tls_config(tls.clone())
+        .map_err(|e| Error::Startup(format!("tls: {e}")))?;
+    Ok(Some(tls))
 }
