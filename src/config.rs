@@ -509,6 +509,24 @@ mod tests {
     }
 
     #[test]
+    fn security_keys_are_validated_and_masked() {
+        let load = |pairs: &[(&str, &str)]| Config::load_with_env(None, env(pairs));
+        let e = load(&[("WEBHOOK_ROUTER__STORAGE__SECRET_KEY", "c2hvcnQ=")]).unwrap_err();
+        assert!(e.0.starts_with("storage.secret_key:"), "{e}");
+        let e = load(&[("WEBHOOK_ROUTER__TLS__CERT_PATH", "/x/cert.pem")]).unwrap_err();
+        assert!(e.0.starts_with("tls:"), "{e}");
+        let e = load(&[("WEBHOOK_ROUTER__LIMITS__MAX_REQUEST_BYTES", "2048")]).unwrap_err();
+        assert!(e.0.starts_with("limits.max_request_bytes:"), "{e}");
+        let e = load(&[("WEBHOOK_ROUTER__LIMITS__MAX_CONCURRENT_REQUESTS", "0")]).unwrap_err();
+        assert!(e.0.starts_with("limits.max_concurrent_requests:"), "{e}");
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let c = load(&[("WEBHOOK_ROUTER__STORAGE__SECRET_KEY", key)]).unwrap();
+        assert_eq!(c.storage.secret_key_bytes().unwrap()[31], 31);
+        let text = c.to_masked_toml();
+        assert!(!text.contains(key) && text.contains("secret_key = \"********\""));
+    }
+
+    #[test]
     fn masked_output_hides_tokens() {
         let c = Config::load_with_env(
             None,
