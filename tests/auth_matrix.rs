@@ -45,7 +45,14 @@ async fn call(
     let mut a = WebhookAdminClient::with_interceptor(channel.clone(), bearer(token));
     let mut i = EventIngestClient::with_interceptor(channel, bearer(token));
     let id = webhook_id.to_string();
-    let hook = || webhook("m", "http://127.0.0.1:9/h", &["COURSE_ENROLLMENT"], no_auth());
+    let hook = || {
+        webhook(
+            "m",
+            "http://127.0.0.1:9/h",
+            &["COURSE_ENROLLMENT"],
+            no_auth(),
+        )
+    };
     match rpc {
         "WebhookAdmin/CreateWebhook" => a
             .create_webhook(CreateWebhookRequest {

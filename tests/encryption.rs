@@ -247,8 +247,14 @@ async fn without_a_key_secrets_are_plain_and_setting_one_later_keeps_them_workin
     server.stop().await.unwrap();
     // The control for the test above: without a key the same scan finds them.
     let disk = all_bytes(dir.path());
-    assert!(contains(&disk, &secret), "plain secret on disk without a key");
-    assert!(contains(&disk, PASSWORD), "plain password on disk without a key");
+    assert!(
+        contains(&disk, &secret),
+        "plain secret on disk without a key"
+    );
+    assert!(
+        contains(&disk, PASSWORD),
+        "plain password on disk without a key"
+    );
 
     // Setting a key later: existing secrets are sealed at start and keep working.
     let server = TestServer::start(config(dir.path(), Some(&KEY))).await;

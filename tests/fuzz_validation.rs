@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
+use proptest::prelude::*;
 use prost::Message;
 use prost_types::{value::Kind, ListValue, Struct, Value};
-use proptest::prelude::*;
 use webhook_router::api::convert::{struct_to_json, webhook_from_proto};
 use webhook_router::api::ingest::validate_request;
 use webhook_router::api::layers::clarify_decode_error;
@@ -194,9 +194,10 @@ fn webhook() -> impl Strategy<Value = pb::Webhook> {
         Just(None),
         Just(Some(Method::None(pb::NoAuth {}))),
         Just(Some(Method::Signature(pb::SignatureAuth {}))),
-        (text(10), text(10)).prop_map(|(username, password)| Some(Method::Basic(
-            pb::BasicAuth { username, password }
-        ))),
+        (text(10), text(10)).prop_map(|(username, password)| Some(Method::Basic(pb::BasicAuth {
+            username,
+            password
+        }))),
     ];
     (
         text(140),

@@ -122,17 +122,19 @@ async fn raw_unary(
     let mut req = tonic::Request::new(body);
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    grpc.unary(
-        req,
-        http::uri::PathAndQuery::from_static(path),
-        RawCodec,
-    )
-    .await
-    .map(|r| r.into_inner())
+    grpc.unary(req, http::uri::PathAndQuery::from_static(path), RawCodec)
+        .await
+        .map(|r| r.into_inner())
 }
 
 async fn raw_publish_call(server: &TestServer, body: Vec<u8>) -> Result<Vec<u8>, Status> {
-    raw_unary(server, "/webhooks.v1.EventIngest/PublishEvents", INGEST, body).await
+    raw_unary(
+        server,
+        "/webhooks.v1.EventIngest/PublishEvents",
+        INGEST,
+        body,
+    )
+    .await
 }
 
 // ------------------------------------------------------------ checks
@@ -176,7 +178,11 @@ async fn still_serving_and_not_stored(ingest: &mut Ingest, ids: &[&str]) {
 
 fn uuid_like() -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 // ------------------------------------------------------------ ingest
@@ -184,7 +190,11 @@ fn uuid_like() -> String {
 #[tokio::test]
 async fn deeply_nested_data_is_invalid_argument_at_a_documented_depth() {
     let (_dir, server, _admin, mut ingest) = setup().await;
-    let ok_event = raw_event(b"nest-ok", b"COURSE_ENROLLMENT", Some(&nested_struct(MAX_DATA_NESTING)));
+    let ok_event = raw_event(
+        b"nest-ok",
+        b"COURSE_ENROLLMENT",
+        Some(&nested_struct(MAX_DATA_NESTING)),
+    );
     raw_publish_call(&server, raw_publish(1010, &[ok_event]))
         .await
         .unwrap_or_else(|s| panic!("{MAX_DATA_NESTING} levels are accepted: {s:?}"));
@@ -192,17 +202,32 @@ async fn deeply_nested_data_is_invalid_argument_at_a_documented_depth() {
     // The boundary is exactly where the README says.
     let mut first_refused = None;
     for depth in MAX_DATA_NESTING..=MAX_DATA_NESTING + 40 {
-        let e = raw_event(b"nest-probe", b"COURSE_ENROLLMENT", Some(&nested_struct(depth)));
-        if raw_publish_call(&server, raw_publish(1010, &[e])).await.is_err() {
+        let e = raw_event(
+            b"nest-probe",
+            b"COURSE_ENROLLMENT",
+            Some(&nested_struct(depth)),
+        );
+        if raw_publish_call(&server, raw_publish(1010, &[e]))
+            .await
+            .is_err()
+        {
             first_refused = Some(depth);
             break;
         }
     }
-    assert_eq!(first_refused, Some(MAX_DATA_NESTING + 1), "nesting limit moved");
+    assert_eq!(
+        first_refused,
+        Some(MAX_DATA_NESTING + 1),
+        "nesting limit moved"
+    );
     for depth in [MAX_DATA_NESTING + 1, 100, 20_000] {
         let events = vec![
             raw_event(b"nest-first", b"COURSE_ENROLLMENT", None),
-            raw_event(b"nest-deep", b"COURSE_ENROLLMENT", Some(&nested_struct(depth))),
+            raw_event(
+                b"nest-deep",
+                b"COURSE_ENROLLMENT",
+                Some(&nested_struct(depth)),
+            ),
         ];
         let s = invalid(
             raw_publish_call(&server, raw_publish(1010, &events)).await,
@@ -226,7 +251,11 @@ async fn deeply_nested_data_is_invalid_argument_at_a_documented_depth() {
         raw_publish(1010, &[raw_event(b"stream-ok", b"COURSE_ENROLLMENT", None)]),
         raw_publish(
             1010,
-            &[raw_event(b"stream-deep", b"COURSE_ENROLLMENT", Some(&nested_struct(500)))],
+            &[raw_event(
+                b"stream-deep",
+                b"COURSE_ENROLLMENT",
+                Some(&nested_struct(500)),
+            )],
         ),
     ];
     let mut req = tonic::Request::new(tokio_stream::iter(messages));
@@ -244,7 +273,10 @@ async fn deeply_nested_data_is_invalid_argument_at_a_documented_depth() {
     answers.message().await.expect("first answered").unwrap();
     let s = answers.message().await.expect_err("second refused");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    assert!(s.message().starts_with("events.data: is nested too deeply"), "{s:?}");
+    assert!(
+        s.message().starts_with("events.data: is nested too deeply"),
+        "{s:?}"
+    );
     still_serving_and_not_stored(&mut ingest, &["stream-deep"]).await;
     server.stop().await.unwrap();
 }
@@ -299,31 +331,61 @@ async fn names_ids_and_timestamps_that_are_not_valid() {
             "events.event_name: cannot be decoded",
         ),
         (
-            vec![valid(), raw_event(b"bad-\xc3\x28", b"COURSE_ENROLLMENT", None)],
+            vec![
+                valid(),
+                raw_event(b"bad-\xc3\x28", b"COURSE_ENROLLMENT", None),
+            ],
             "events.event_id: cannot be decoded",
         ),
     ] {
-        invalid(raw_publish_call(&server, raw_publish(1010, &events)).await, field_name);
+        invalid(
+            raw_publish_call(&server, raw_publish(1010, &events)).await,
+            field_name,
+        );
     }
 
     // Control characters, unknown names, timestamps out of range.
     let cases: Vec<(Event, &str)> = vec![
-        (event("ctl-1", "COURSE_\u{0}ENROLLMENT", 1), "events[1].event_name: unknown event type"),
-        (event("ctl-2", "NO_SUCH_TYPE", 1), "events[1].event_name: unknown event type"),
-        (event("ctl-3", "course_enrollment", 1), "events[1].event_name: unknown event type"),
+        (
+            event("ctl-1", "COURSE_\u{0}ENROLLMENT", 1),
+            "events[1].event_name: unknown event type",
+        ),
+        (
+            event("ctl-2", "NO_SUCH_TYPE", 1),
+            "events[1].event_name: unknown event type",
+        ),
+        (
+            event("ctl-3", "course_enrollment", 1),
+            "events[1].event_name: unknown event type",
+        ),
         (event("", "", 1), "events[1].event_name: is required"),
-        (event("ctl\n4", "COURSE_ENROLLMENT", 1), "events[1].event_id: must not contain control"),
-        (event(&"x".repeat(129), "COURSE_ENROLLMENT", 1), "events[1].event_id: must be at most 128 bytes"),
         (
-            Event { timestamp: -1, ..event("ts-1", "COURSE_ENROLLMENT", 1) },
+            event("ctl\n4", "COURSE_ENROLLMENT", 1),
+            "events[1].event_id: must not contain control",
+        ),
+        (
+            event(&"x".repeat(129), "COURSE_ENROLLMENT", 1),
+            "events[1].event_id: must be at most 128 bytes",
+        ),
+        (
+            Event {
+                timestamp: -1,
+                ..event("ts-1", "COURSE_ENROLLMENT", 1)
+            },
             "events[1].timestamp",
         ),
         (
-            Event { timestamp: i64::MAX, ..event("ts-2", "COURSE_ENROLLMENT", 1) },
+            Event {
+                timestamp: i64::MAX,
+                ..event("ts-2", "COURSE_ENROLLMENT", 1)
+            },
             "events[1].timestamp",
         ),
         (
-            Event { timestamp: 253_402_300_800_000, ..event("ts-3", "COURSE_ENROLLMENT", 1) },
+            Event {
+                timestamp: 253_402_300_800_000,
+                ..event("ts-3", "COURSE_ENROLLMENT", 1)
+            },
             "events[1].timestamp",
         ),
     ];
@@ -358,8 +420,14 @@ async fn names_ids_and_timestamps_that_are_not_valid() {
         &mut ingest,
         1010,
         vec![
-            Event { timestamp: 1, ..event("ts-ok-1", "COURSE_ENROLLMENT", 1) },
-            Event { timestamp: 253_402_300_799_999, ..event("ts-ok-2", "COURSE_ENROLLMENT", 1) },
+            Event {
+                timestamp: 1,
+                ..event("ts-ok-1", "COURSE_ENROLLMENT", 1)
+            },
+            Event {
+                timestamp: 253_402_300_799_999,
+                ..event("ts-ok-2", "COURSE_ENROLLMENT", 1)
+            },
         ],
     )
     .await;
@@ -414,14 +482,20 @@ async fn private_and_disguised_targets_are_refused_with_the_default_guard() {
     let (_dir, server, mut admin, mut ingest) =
         setup_with(|c| c.delivery.allow_private_targets = false).await;
     let refused = [
-        ("https://user:pw@example.com/hook", "must not carry credentials"),
+        (
+            "https://user:pw@example.com/hook",
+            "must not carry credentials",
+        ),
         ("https://:pw@example.com/hook", "must not carry credentials"),
         ("http://example.com/hook", "must use https"),
         ("ftp://example.com/hook", "unsupported scheme"),
         ("https://127.0.0.1/hook", "non-global address (127.0.0.1)"),
         ("https://[::1]/hook", "non-global address (::1)"),
         ("https://[::ffff:127.0.0.1]/hook", "non-global address"),
-        ("https://[::ffff:169.254.169.254]/hook", "non-global address"),
+        (
+            "https://[::ffff:169.254.169.254]/hook",
+            "non-global address",
+        ),
         ("https://[::ffff:7f00:1]/hook", "non-global address"),
         ("https://[fe80::1]/hook", "non-global address"),
         ("https://[fd00::1]/hook", "non-global address"),
@@ -432,8 +506,14 @@ async fn private_and_disguised_targets_are_refused_with_the_default_guard() {
         ("https://0x7f.1/hook", "non-global address (127.0.0.1)"),
         ("https://127.1/hook", "non-global address (127.0.0.1)"),
         ("https://0/hook", "non-global address (0.0.0.0)"),
-        ("https://169.254.169.254/latest/meta-data/", "non-global address (169.254.169.254)"),
-        ("https://0xa9.0xfe.0xa9.0xfe/", "non-global address (169.254.169.254)"),
+        (
+            "https://169.254.169.254/latest/meta-data/",
+            "non-global address (169.254.169.254)",
+        ),
+        (
+            "https://0xa9.0xfe.0xa9.0xfe/",
+            "non-global address (169.254.169.254)",
+        ),
         ("https://10.0.0.1/hook", "non-global address"),
         ("https://192.168.1.1/hook", "non-global address"),
         ("https://100.64.0.1/hook", "non-global address"),
@@ -489,7 +569,10 @@ fn loopback_names_from_hosts() -> Vec<String> {
     for line in hosts.lines() {
         let line = line.split('#').next().unwrap_or("");
         let mut parts = line.split_whitespace();
-        let Some(ip) = parts.next().and_then(|p| p.parse::<std::net::IpAddr>().ok()) else {
+        let Some(ip) = parts
+            .next()
+            .and_then(|p| p.parse::<std::net::IpAddr>().ok())
+        else {
             continue;
         };
         if !ip.is_loopback() {
@@ -541,7 +624,12 @@ async fn names_resolving_to_loopback_are_refused_at_connect_time() {
         .await;
         hooks.push(w);
     }
-    publish(&mut ingest, 1010, vec![event("to-private", "COURSE_ENROLLMENT", 1)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("to-private", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
     for w in &hooks {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let error = loop {
@@ -549,7 +637,11 @@ async fn names_resolving_to_loopback_are_refused_at_connect_time() {
             if let Some(a) = d.first().and_then(|d| d.attempts.first()) {
                 break a.error.clone();
             }
-            assert!(std::time::Instant::now() < deadline, "no attempt for {}", w.name);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no attempt for {}",
+                w.name
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert!(
@@ -574,7 +666,13 @@ async fn non_utf8_and_control_characters_in_webhook_fields() {
     w.extend(field(5, b"http://127.0.0.1:9/h"));
     req.extend(field(2, &w));
     invalid(
-        raw_unary(&server, "/webhooks.v1.WebhookAdmin/CreateWebhook", ADMIN, req).await,
+        raw_unary(
+            &server,
+            "/webhooks.v1.WebhookAdmin/CreateWebhook",
+            ADMIN,
+            req,
+        )
+        .await,
         "webhook.name: cannot be decoded",
     );
     for (name, username, expected) in [
@@ -601,7 +699,13 @@ async fn non_utf8_and_control_characters_in_webhook_fields() {
     // An empty message where a request is expected decodes to defaults and
     // is refused by validation, not by the transport.
     invalid(
-        raw_unary(&server, "/webhooks.v1.WebhookAdmin/CreateWebhook", ADMIN, vec![]).await,
+        raw_unary(
+            &server,
+            "/webhooks.v1.WebhookAdmin/CreateWebhook",
+            ADMIN,
+            vec![],
+        )
+        .await,
         "account_id: is required",
     );
     // Garbage bytes: INVALID_ARGUMENT too.

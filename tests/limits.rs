@@ -66,8 +66,7 @@ async fn noisy_token_is_rate_limited_while_another_token_is_served() {
             Err(s) => {
                 assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
                 assert!(
-                    s.message()
-                        .contains("limits.requests_per_second_per_token"),
+                    s.message().contains("limits.requests_per_second_per_token"),
                     "{}",
                     s.message()
                 );
@@ -133,7 +132,7 @@ async fn noisy_token_is_rate_limited_while_another_token_is_served() {
     };
     let status = end.expect("the stream is cut by the rate limit");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(answered < 20 && answered >= 3, "answered {answered}");
+    assert!((3..20).contains(&answered), "answered {answered}");
     server.stop().await.unwrap();
 }
 
@@ -200,8 +199,7 @@ async fn requests_past_the_concurrency_limit_are_shed_with_unavailable() {
         shed.message()
     );
     // Health checks are exempt.
-    let mut health =
-        tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
     let h = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),

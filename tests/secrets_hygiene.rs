@@ -327,7 +327,10 @@ role = "ingest"
     }
     let seen = seen.join("\n");
     for needle in &needles {
-        assert!(!log.contains(needle.as_str()), "{needle} appears in the log");
+        assert!(
+            !log.contains(needle.as_str()),
+            "{needle} appears in the log"
+        );
         assert!(
             !seen.contains(needle.as_str()),
             "{needle} appears in a response or error"

@@ -94,7 +94,10 @@ async fn clients_connect_over_tls_and_plain_text_is_refused() {
         .unwrap()
         .connect()
         .await;
-    assert!(untrusted.is_err(), "a client without the CA must not connect");
+    assert!(
+        untrusted.is_err(),
+        "a client without the CA must not connect"
+    );
 
     // The TLS client still works after those attempts.
     let mut admin2 = WebhookAdminClient::with_interceptor(

@@ -161,8 +161,7 @@ impl EventIngest for IngestService {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(status) => {
-                        let status =
-                            super::layers::clarify_decode_error(&status).unwrap_or(status);
+                        let status = super::layers::clarify_decode_error(&status).unwrap_or(status);
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
@@ -174,7 +173,8 @@ impl EventIngest for IngestService {
                     Some(p) => p.charge(),
                     None => Ok(()),
                 };
-                let result = match charged.and_then(|()| authorize_account(&check, msg.account_id)) {
+                let result = match charged.and_then(|()| authorize_account(&check, msg.account_id))
+                {
                     Ok(()) => service.publish(&msg).await,
                     Err(e) => Err(e),
                 };

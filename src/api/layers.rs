@@ -188,7 +188,8 @@ fn decode_error(rest: &str) -> Error {
         p.split_once('.').is_some_and(|(m, f)| {
             !m.is_empty()
                 && !f.is_empty()
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
         })
     };
     let frames = parts.iter().take_while(|p| is_frame(p)).count();
@@ -258,7 +259,9 @@ mod tests {
         );
         let c = clarify_decode_error(&s).unwrap();
         assert_eq!(c.code(), Code::InvalidArgument);
-        assert!(c.message().starts_with("request: is too large: found 20 bytes"));
+        assert!(c
+            .message()
+            .starts_with("request: is too large: found 20 bytes"));
         assert!(clarify_decode_error(&Status::internal("internal error")).is_none());
         assert!(clarify_decode_error(&Status::not_found("x")).is_none());
     }

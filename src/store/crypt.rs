@@ -119,7 +119,9 @@ impl SecretCipher {
             .decode(b64)
             .map_err(|_| Error::Internal(format!("malformed sealed value of {owner}")))?;
         if raw.len() < 12 + 16 {
-            return Err(Error::Internal(format!("malformed sealed value of {owner}")));
+            return Err(Error::Internal(format!(
+                "malformed sealed value of {owner}"
+            )));
         }
         let aad = associated_data(purpose, owner);
         let plain = self

@@ -217,7 +217,11 @@ fn open_webhook(cipher: Option<&SecretCipher>, raw: &[u8]) -> Result<Webhook> {
 }
 
 /// A secret record as written: with a key, both secrets sealed.
-fn seal_secret(cipher: Option<&SecretCipher>, webhook_id: &str, s: &SecretRecord) -> Result<Vec<u8>> {
+fn seal_secret(
+    cipher: Option<&SecretCipher>,
+    webhook_id: &str,
+    s: &SecretRecord,
+) -> Result<Vec<u8>> {
     let Some(c) = cipher else {
         return Ok(serde_json::to_vec(s)?);
     };
@@ -230,7 +234,11 @@ fn seal_secret(cipher: Option<&SecretCipher>, webhook_id: &str, s: &SecretRecord
 }
 
 /// A secret record as read, its secrets opened.
-fn open_secret(cipher: Option<&SecretCipher>, webhook_id: &str, raw: &[u8]) -> Result<SecretRecord> {
+fn open_secret(
+    cipher: Option<&SecretCipher>,
+    webhook_id: &str,
+    raw: &[u8],
+) -> Result<SecretRecord> {
     let mut s: SecretRecord = serde_json::from_slice(raw)?;
     if let Some(c) = cipher {
         s.current = c.open(&s.current, Purpose::SigningSecret, webhook_id)?;
