@@ -226,6 +226,21 @@ async fn secrets_are_encrypted_on_disk_and_survive_restarts_only_with_the_key() 
         );
     }
 
+    // The real binary says the same on stderr and exits 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_webhook-router"))
+        .arg("serve")
+        .env("WEBHOOK_ROUTER__LISTEN", "127.0.0.1:0")
+        .env("WEBHOOK_ROUTER__DATA_DIR", dir.path())
+        .env("WEBHOOK_ROUTER__STORAGE__SECRET_KEY", b64(&OTHER_KEY))
+        .output()
+        .expect("run webhook-router");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: storage.secret_key has key id"),
+        "{stderr}"
+    );
+
     // And the right key still works after those refusals.
     let server = TestServer::start(config(dir.path(), Some(&KEY))).await;
     let mut admin = server.admin(ADMIN).await;
