@@ -42,6 +42,10 @@ pub struct Config {
     pub event_types: Vec<EventTypeConfig>,
     /// The Prometheus metrics listener.
     pub metrics: MetricsConfig,
+    /// TLS for the gRPC listener (off unless both paths are set).
+    pub tls: Tls,
+    /// Storage options: encryption at rest of secrets and passwords.
+    pub storage: Storage,
 }
 
 /// `[limits]`
@@ -54,6 +58,58 @@ pub struct Limits {
     pub max_events_per_request: u32,
     /// Largest accepted event (protobuf-encoded size), in bytes.
     pub max_event_bytes: u32,
+    /// Largest gRPC request message, in bytes; larger ones are refused with
+    /// INVALID_ARGUMENT before they are decoded.
+    pub max_request_bytes: u32,
+    /// Requests the server works on at once (streams count until their
+    /// response starts); more are shed with UNAVAILABLE.
+    pub max_concurrent_requests: u32,
+    /// Calls (and StreamEvents messages) one token may make per second,
+    /// refilled continuously; 0 turns the per-token rate limit off.
+    pub requests_per_second_per_token: u32,
+    /// Calls a token may make in a burst above that rate; 0 means the same
+    /// as `requests_per_second_per_token`.
+    pub request_burst_per_token: u32,
+}
+
+/// `[tls]`: PEM files for the gRPC listener. Both empty: plain text.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// Certificate chain, PEM, leaf first.
+    pub cert_path: PathBuf,
+    /// Private key of the leaf certificate, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
+}
+
+impl Tls {
+    /// Whether TLS is configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.as_os_str().is_empty()
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// Base64 of 32 random bytes: the AES-256-GCM key that encrypts webhook
+    /// signing secrets and Basic-auth passwords at rest. Empty: stored plain.
+    pub secret_key: String,
+}
+
+impl Storage {
+    /// The decoded key, if one is set (validated by [`Config::validate`]).
+    pub fn secret_key_bytes(&self) -> Option<[u8; 32]> {
+        use base64::Engine;
+        if self.secret_key.is_empty() {
+            return None;
+        }
+        base64::engine::general_purpose::STANDARD
+            .decode(self.secret_key.trim())
+            .ok()
+            .and_then(|k| k.try_into().ok())
+    }
 }
 
 /// `[delivery]`
@@ -150,6 +206,8 @@ impl Default for Config {
             tokens: Vec::new(),
             event_types: Vec::new(),
             metrics: MetricsConfig::default(),
+            tls: Tls::default(),
+            storage: Storage::default(),
         }
     }
 }
@@ -160,6 +218,10 @@ impl Default for Limits {
             max_webhooks_per_account: 5,
             max_events_per_request: 1000,
             max_event_bytes: 262_144,
+            max_request_bytes: 16 * 1024 * 1024,
+            max_concurrent_requests: 512,
+            requests_per_second_per_token: 0,
+            request_burst_per_token: 0,
         }
     }
 }
@@ -251,6 +313,27 @@ impl Config {
         }
         if !(64..=16 * 1024 * 1024).contains(&l.max_event_bytes) {
             return bad("limits.max_event_bytes", "must be 64..=16777216");
+        }
+        if !(1024..=1024 * 1024 * 1024).contains(&l.max_request_bytes) {
+            return bad("limits.max_request_bytes", "must be 1024..=1073741824");
+        }
+        if u64::from(l.max_request_bytes) < u64::from(l.max_event_bytes) + 1024 {
+            return bad(
+                "limits.max_request_bytes",
+                "must be at least limits.max_event_bytes + 1024, so one largest event fits",
+            );
+        }
+        if l.max_concurrent_requests == 0 {
+            return bad("limits.max_concurrent_requests", "must be at least 1");
+        }
+        if self.tls.cert_path.as_os_str().is_empty() != self.tls.key_path.as_os_str().is_empty() {
+            return bad("tls", "set both cert_path and key_path, or neither");
+        }
+        if !self.storage.secret_key.is_empty() && self.storage.secret_key_bytes().is_none() {
+            return bad(
+                "storage.secret_key",
+                "must be the standard base64 of exactly 32 bytes (e.g. `openssl rand -base64 32`)",
+            );
         }
         let d = &self.delivery;
         if !(1..=10_000).contains(&d.max_events_per_payload) {
@@ -348,6 +431,14 @@ impl Config {
             Err(e) => return format!("# cannot render the config: {e}\n"),
         };
         mask_secrets(&mut value, false);
+        // Named explicitly too, in case the generic rule above ever changes.
+        if let Some(k) = value
+            .get_mut("storage")
+            .and_then(|s| s.get_mut("secret_key"))
+            .filter(|k| k.as_str().is_some_and(|s| !s.is_empty()))
+        {
+            *k = toml::Value::String(MASK.into());
+        }
         toml::to_string_pretty(&value).unwrap_or_default()
     }
 }
@@ -479,6 +570,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("already in the catalog"), "{e}");
+    }
+
+    #[test]
+    fn security_keys_are_validated_and_masked() {
+        let load = |pairs: &[(&str, &str)]| Config::load_with_env(None, env(pairs));
+        let e = load(&[("WEBHOOK_ROUTER__STORAGE__SECRET_KEY", "c2hvcnQ=")]).unwrap_err();
+        assert!(e.0.starts_with("storage.secret_key:"), "{e}");
+        let e = load(&[("WEBHOOK_ROUTER__TLS__CERT_PATH", "/x/cert.pem")]).unwrap_err();
+        assert!(e.0.starts_with("tls:"), "{e}");
+        let e = load(&[("WEBHOOK_ROUTER__LIMITS__MAX_REQUEST_BYTES", "2048")]).unwrap_err();
+        assert!(e.0.starts_with("limits.max_request_bytes:"), "{e}");
+        let e = load(&[("WEBHOOK_ROUTER__LIMITS__MAX_CONCURRENT_REQUESTS", "0")]).unwrap_err();
+        assert!(e.0.starts_with("limits.max_concurrent_requests:"), "{e}");
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let c = load(&[("WEBHOOK_ROUTER__STORAGE__SECRET_KEY", key)]).unwrap();
+        assert_eq!(c.storage.secret_key_bytes().unwrap()[31], 31);
+        let text = c.to_masked_toml();
+        assert!(!text.contains(key) && text.contains("secret_key = \"********\""));
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub enum Error {
     /// Anything else: a bug or a corrupt record. Logged, returned opaque.
     #[error("internal: {0}")]
     Internal(String),
+    /// The service cannot start as configured (TLS files, storage key);
+    /// the message says what to fix.
+    #[error("{0}")]
+    Startup(String),
 }
 
 /// Result with the service's error type.
@@ -103,7 +107,7 @@ impl From<Error> for Status {
                 Status::unavailable("storage unavailable, retry later")
             }
             Error::ShuttingDown => Status::unavailable("server is shutting down"),
-            Error::Internal(m) => {
+            Error::Internal(m) | Error::Startup(m) => {
                 tracing::error!(error = %m, "internal error");
                 Status::internal("internal error")
             }

@@ -10,11 +10,12 @@ use rand::RngCore;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::api::admin::AdminService;
 use crate::api::auth::{interceptor, token_sha256_hex, TokenTable};
 use crate::api::ingest::IngestService;
+use crate::api::layers::{DecodeErrorLayer, LoadShedLayer};
 use crate::api::AppState;
 use crate::config::{Config, Role, TokenConfig};
 use crate::delivery::Dispatcher;
@@ -28,9 +29,6 @@ use crate::store::Store;
 
 /// Name of the file first-start credentials are written to, in `data_dir`.
 pub const INITIAL_CREDENTIALS_FILE: &str = "initial-credentials.toml";
-
-/// Largest gRPC message accepted (a full PublishEvents request).
-const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Runs the router on `listener` until `shutdown` resolves, then drains:
 /// the server stops accepting, lanes finish or requeue within
@@ -59,8 +57,15 @@ pub async fn run_with_metrics_listener(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let config = Arc::new(config);
-    let store = open_store_with_retry(&config.data_dir).await?;
-    let tokens = Arc::new(TokenTable::new(&resolve_tokens(&config, &store).await?));
+    let tls = load_tls(&config)?;
+    let store = open_store_with_retry(&config.data_dir, config.storage.secret_key_bytes()).await?;
+    let tokens = Arc::new(
+        TokenTable::new(&resolve_tokens(&config, &store).await?).with_rate_limit(
+            config.limits.requests_per_second_per_token,
+            config.limits.request_burst_per_token,
+        ),
+    );
+    let max_message_bytes = config.limits.max_request_bytes as usize;
     let catalog = Arc::new(Catalog::new(&config.event_types));
     let metrics = Arc::new(Metrics::new(Some((store.clone(), catalog.clone()))));
     let dispatcher = Dispatcher::start_with_metrics(
@@ -79,12 +84,12 @@ pub async fn run_with_metrics_listener(
 
     let admin = InterceptedService::new(
         WebhookAdminServer::new(AdminService::new(state.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(max_message_bytes),
         interceptor(tokens.clone(), Role::Admin),
     );
     let ingest = InterceptedService::new(
         EventIngestServer::new(IngestService::new(state))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(max_message_bytes),
         interceptor(tokens, Role::Ingest),
     );
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -110,7 +115,7 @@ pub async fn run_with_metrics_listener(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "webhook-router serving");
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), tls = tls.is_some(), "webhook-router serving");
     // The signal stops accepting at once; connections still open (watch
     // streams, idle clients) get shutdown_grace_ms to finish, then are dropped.
     let (signal_tx, mut signal_rx) = tokio::sync::watch::channel(false);
@@ -122,7 +127,22 @@ pub async fn run_with_metrics_listener(
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::metrics::serve(metrics, l, signal_rx.clone()));
     }
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| Error::Startup(format!("tls: {e}")))?;
+    }
+    let serve = builder
+        // Shed first, before any work is spent on a request we cannot take;
+        // then make decode failures of what we do take read as bad input.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(LoadShedLayer::new(
+                    config.limits.max_concurrent_requests as usize,
+                ))
+                .layer(DecodeErrorLayer),
+        )
         .add_service(admin)
         .add_service(ingest)
         .add_service(reflection_v1)
@@ -156,10 +176,10 @@ pub async fn run_with_metrics_listener(
 
 /// Opens the store, waiting briefly if a previous instance in this process
 /// still holds the folder's lock.
-async fn open_store_with_retry(dir: &Path) -> Result<Store> {
+async fn open_store_with_retry(dir: &Path, secret_key: Option<[u8; 32]>) -> Result<Store> {
     let mut tries = 0;
     loop {
-        match Store::open(dir) {
+        match Store::open_with_key(dir, secret_key.as_ref()) {
             Err(Error::Unavailable(m)) if tries < 30 && m.contains("lock") => {
                 tries += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -231,4 +251,23 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     let mut f = opts.open(path)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()
+}
+
+/// The TLS settings of `[tls]`, if configured; unreadable files stop the start.
+fn load_tls(config: &Config) -> Result<Option<ServerTlsConfig>> {
+    if !config.tls.enabled() {
+        return Ok(None);
+    }
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::Startup(format!("tls.{key}: cannot read {}: {e}", path.display())))
+    };
+    let cert = read("cert_path", &config.tls.cert_path)?;
+    let key = read("key_path", &config.tls.key_path)?;
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    // Parse the PEM now, before anything else starts.
+    Server::builder()
+        .tls_config(tls.clone())
+        .map_err(|e| Error::Startup(format!("tls: {e}")))?;
+    Ok(Some(tls))
 }

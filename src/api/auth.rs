@@ -19,6 +19,60 @@ pub struct Principal {
     pub role: Role,
     /// Accounts the token may act on; None means all.
     pub accounts: Option<Arc<HashSet<u64>>>,
+    /// The token's rate limit, shared by all its calls; None: unlimited.
+    pub bucket: Option<Arc<TokenBucket>>,
+}
+
+impl Principal {
+    /// Takes one request from the token's rate limit, or says when to retry.
+    pub fn charge(&self) -> Result<()> {
+        match &self.bucket {
+            Some(b) => b.take(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A token bucket: `rate` requests per second, refilled continuously, at
+/// most `burst` saved up.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    /// (tokens available, when last refilled).
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(per_second: u32, burst: u32) -> TokenBucket {
+        let burst = if burst == 0 { per_second } else { burst };
+        TokenBucket {
+            rate: f64::from(per_second),
+            burst: f64::from(burst.max(1)),
+            state: std::sync::Mutex::new((f64::from(burst.max(1)), std::time::Instant::now())),
+        }
+    }
+
+    /// Takes one request, or RESOURCE_EXHAUSTED saying when one is available.
+    pub fn take(&self) -> Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let (tokens, last) = *state;
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
+        if tokens >= 1.0 {
+            *state = (tokens - 1.0, now);
+            Ok(())
+        } else {
+            *state = (tokens, now);
+            let wait_ms = ((1.0 - tokens) / self.rate * 1000.0).ceil();
+            Err(Error::ResourceExhausted(format!(
+                "rate limit of this token exceeded ({} requests/s, \
+                 limits.requests_per_second_per_token); retry in {wait_ms} ms",
+                self.rate
+            )))
+        }
+    }
 }
 
 /// The configured tokens, hashed.
@@ -54,11 +108,23 @@ impl TokenTable {
                         .account_ids
                         .as_ref()
                         .map(|ids| Arc::new(ids.iter().copied().collect())),
+                    bucket: None,
                 };
                 (hash, principal)
             })
             .collect();
         TokenTable { entries }
+    }
+
+    /// Gives every token its own rate limit of `per_second` requests with
+    /// `burst` (0: same as `per_second`); `per_second` 0 leaves them unlimited.
+    pub fn with_rate_limit(mut self, per_second: u32, burst: u32) -> TokenTable {
+        if per_second > 0 {
+            for (_, principal) in &mut self.entries {
+                principal.bucket = Some(Arc::new(TokenBucket::new(per_second, burst)));
+            }
+        }
+        self
     }
 
     /// Number of configured tokens.
@@ -121,6 +187,7 @@ pub fn interceptor(
                 Error::PermissionDenied(format!("this service needs an {need} token")).into(),
             );
         }
+        principal.charge()?;
         req.extensions_mut().insert(principal);
         Ok(req)
     }

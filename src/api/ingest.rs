@@ -188,14 +188,20 @@ impl EventIngest for IngestService {
                     },
                     Ok(None) => break,
                     Err(status) => {
+                        let status = super::layers::clarify_decode_error(&status).unwrap_or(status);
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };
-                // Each message is authorized like a unary call.
+                // Each message is authorized and rate limited like a unary call.
                 let mut check = Request::new(());
                 *check.extensions_mut() = principal.clone();
-                let result = match authorize_account(&check, msg.account_id) {
+                let charged = match check.extensions().get::<super::auth::Principal>() {
+                    Some(p) => p.charge(),
+                    None => Ok(()),
+                };
+                let result = match charged.and_then(|()| authorize_account(&check, msg.account_id))
+                {
                     Ok(()) => service.publish(&msg).await,
                     Err(e) => Err(e),
                 };

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod convert;
 pub mod ingest;
+pub mod layers;
 
 use std::sync::Arc;
 

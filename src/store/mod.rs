@@ -2,7 +2,8 @@
 //! backend can follow behind the same calls.
 //!
 //! Trees and keys (all integers big-endian so byte order is numeric order):
-//! - `meta`: `schema_version` → u32; `bootstrap_tokens` → JSON.
+//! - `meta`: `schema_version` → u32; `bootstrap_tokens` → JSON;
+//!   `secret_key_id` → the id of the key secrets are sealed with (see [`crypt`]).
 //! - `webhooks`: account(8) ‖ webhook id → Webhook (JSON).
 //! - `secrets`: webhook id → SecretRecord (JSON).
 //! - `log`: `e` ‖ account(8) ‖ seq(8) → event record; `i` ‖ account(8) ‖
@@ -15,6 +16,7 @@
 //!   nothing.
 
 mod commit;
+pub mod crypt;
 mod deliveries;
 mod log;
 mod stats;
@@ -52,11 +54,21 @@ struct Inner {
     /// Serialises appends: idempotency checks and sequence numbers.
     append_lock: std::sync::Mutex<log::AppendState>,
     commit: GroupCommit,
+    /// Seals signing secrets and Basic passwords at rest, when a key is set.
+    cipher: Option<crypt::SecretCipher>,
 }
 
 impl Store {
     /// Opens (or creates) the database under `dir` and checks its schema version.
     pub fn open(dir: &Path) -> Result<Store> {
+        Self::open_with_key(dir, None)
+    }
+
+    /// Like [`Store::open`], sealing secrets and passwords with `secret_key`
+    /// (`storage.secret_key`). Fails with [`Error::Startup`] when the folder
+    /// holds values sealed with another key, or sealed values and no key is
+    /// given. With a key on a folder of plain values, seals them all at once.
+    pub fn open_with_key(dir: &Path, secret_key: Option<&[u8; 32]>) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::Unavailable(format!("cannot create data_dir {}: {e}", dir.display()))
         })?;
@@ -69,10 +81,15 @@ impl Store {
         check_schema(&db, &meta)?;
         let log = db.open_tree("log")?;
         let append_state = log::AppendState::load(&log)?;
+        let webhooks = db.open_tree("webhooks")?;
+        let secrets = db.open_tree("secrets")?;
+        let cipher = secret_key.map(crypt::SecretCipher::new);
+        webhooks::check_secret_key(&db, &meta, &webhooks, &secrets, cipher.as_ref())?;
         let inner = Inner {
             commit: GroupCommit::start(db.clone()),
-            webhooks: db.open_tree("webhooks")?,
-            secrets: db.open_tree("secrets")?,
+            webhooks,
+            secrets,
+            cipher,
             lanes: db.open_tree("lanes")?,
             log,
             meta,

@@ -3,9 +3,10 @@
 use sled::transaction::{abort, ConflictableTransactionError};
 use sled::Transactional;
 
+use super::crypt::{self, Purpose, SecretCipher};
 use super::{account_key, Store};
 use crate::domain::delivery::ModeTag;
-use crate::domain::webhook::{SecretRecord, Webhook};
+use crate::domain::webhook::{Auth, SecretRecord, Webhook};
 use crate::error::{Error, Result};
 
 fn webhook_key(account_id: u64, id: &str) -> Vec<u8> {
@@ -39,8 +40,10 @@ impl Store {
                     webhook.account_id
                 )));
             }
-            let value = serde_json::to_vec(webhook)?;
-            let secret_value = secret.map(serde_json::to_vec).transpose()?;
+            let value = self.encode_webhook(webhook)?;
+            let secret_value = secret
+                .map(|s| self.encode_secret(&webhook.id, s))
+                .transpose()?;
             let key = webhook_key(webhook.account_id, &webhook.id);
             (&self.inner.webhooks, &self.inner.secrets).transaction(|(w, s)| {
                 w.insert(key.as_slice(), value.as_slice())?;
@@ -65,7 +68,7 @@ impl Store {
     /// One webhook of an account.
     pub fn get_webhook(&self, account_id: u64, id: &str) -> Result<Option<Webhook>> {
         match self.inner.webhooks.get(webhook_key(account_id, id))? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            Some(v) => Ok(Some(self.decode_webhook(&v)?)),
             None => Ok(None),
         }
     }
@@ -96,7 +99,7 @@ impl Store {
             if out.len() == limit {
                 return Ok((out, true));
             }
-            out.push(serde_json::from_slice(&v)?);
+            out.push(self.decode_webhook(&v)?);
         }
         Ok((out, false))
     }
@@ -106,7 +109,7 @@ impl Store {
         self.inner
             .webhooks
             .iter()
-            .map(|r| Ok(serde_json::from_slice(&r?.1)?))
+            .map(|r| self.decode_webhook(&r?.1))
             .collect()
     }
 
@@ -124,13 +127,16 @@ impl Store {
                 .unwrap_or_else(|p| p.into_inner());
             let key = webhook_key(account_id, id);
             let mut w: Webhook = match self.inner.webhooks.get(&key)? {
-                Some(v) => serde_json::from_slice(&v)?,
+                Some(v) => self.decode_webhook(&v)?,
                 None => return Err(Error::NotFound(format!("webhook {id}"))),
             };
             let secret = self.get_secret(id)?;
             let new_secret = change(&mut w, secret)?;
-            let value = serde_json::to_vec(&w)?;
-            let secret_value = new_secret.as_ref().map(serde_json::to_vec).transpose()?;
+            let value = self.encode_webhook(&w)?;
+            let secret_value = new_secret
+                .as_ref()
+                .map(|s| self.encode_secret(id, s))
+                .transpose()?;
             (&self.inner.webhooks, &self.inner.secrets).transaction(|(wt, st)| {
                 wt.insert(key.as_slice(), value.as_slice())?;
                 if let Some(sv) = &secret_value {
@@ -168,8 +174,146 @@ impl Store {
     /// The signing secrets of a webhook, if it has any.
     pub fn get_secret(&self, id: &str) -> Result<Option<SecretRecord>> {
         match self.inner.secrets.get(id.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            Some(v) => Ok(Some(open_secret(self.inner.cipher.as_ref(), id, &v)?)),
             None => Ok(None),
+        }
+    }
+
+    fn encode_webhook(&self, w: &Webhook) -> Result<Vec<u8>> {
+        seal_webhook(self.inner.cipher.as_ref(), w)
+    }
+
+    fn decode_webhook(&self, raw: &[u8]) -> Result<Webhook> {
+        open_webhook(self.inner.cipher.as_ref(), raw)
+    }
+
+    fn encode_secret(&self, webhook_id: &str, s: &SecretRecord) -> Result<Vec<u8>> {
+        seal_secret(self.inner.cipher.as_ref(), webhook_id, s)
+    }
+}
+
+/// A webhook record as written: with a key, the Basic password sealed.
+fn seal_webhook(cipher: Option<&SecretCipher>, w: &Webhook) -> Result<Vec<u8>> {
+    match (cipher, &w.auth) {
+        (Some(c), Auth::Basic { username, password }) => {
+            let mut sealed = w.clone();
+            sealed.auth = Auth::Basic {
+                username: username.clone(),
+                password: c.seal(password, Purpose::BasicPassword, &w.id)?,
+            };
+            Ok(serde_json::to_vec(&sealed)?)
+        }
+        _ => Ok(serde_json::to_vec(w)?),
+    }
+}
+
+/// A webhook record as read, its password opened.
+fn open_webhook(cipher: Option<&SecretCipher>, raw: &[u8]) -> Result<Webhook> {
+    let mut w: Webhook = serde_json::from_slice(raw)?;
+    if let (Some(c), Auth::Basic { password, .. }) = (cipher, &mut w.auth) {
+        *password = c.open(password, Purpose::BasicPassword, &w.id)?;
+    }
+    Ok(w)
+}
+
+/// A secret record as written: with a key, both secrets sealed.
+fn seal_secret(
+    cipher: Option<&SecretCipher>,
+    webhook_id: &str,
+    s: &SecretRecord,
+) -> Result<Vec<u8>> {
+    let Some(c) = cipher else {
+        return Ok(serde_json::to_vec(s)?);
+    };
+    let mut sealed = s.clone();
+    sealed.current = c.seal(&s.current, Purpose::SigningSecret, webhook_id)?;
+    if let Some(prev) = &s.previous {
+        sealed.previous = Some(c.seal(prev, Purpose::SigningSecret, webhook_id)?);
+    }
+    Ok(serde_json::to_vec(&sealed)?)
+}
+
+/// A secret record as read, its secrets opened.
+fn open_secret(
+    cipher: Option<&SecretCipher>,
+    webhook_id: &str,
+    raw: &[u8],
+) -> Result<SecretRecord> {
+    let mut s: SecretRecord = serde_json::from_slice(raw)?;
+    if let Some(c) = cipher {
+        s.current = c.open(&s.current, Purpose::SigningSecret, webhook_id)?;
+        if let Some(prev) = &s.previous {
+            s.previous = Some(c.open(prev, Purpose::SigningSecret, webhook_id)?);
+        }
+    }
+    Ok(s)
+}
+
+/// Meta key holding the id of the key secrets are sealed with.
+const SECRET_KEY_ID: &str = "secret_key_id";
+
+/// Checks the configured key against the folder (see [`Store::open_with_key`]);
+/// on the first start with a key, seals every plain secret and password and
+/// records the key id, in one transaction.
+pub(super) fn check_secret_key(
+    db: &sled::Db,
+    meta: &sled::Tree,
+    webhooks: &sled::Tree,
+    secrets: &sled::Tree,
+    cipher: Option<&SecretCipher>,
+) -> Result<()> {
+    let stored = meta
+        .get(SECRET_KEY_ID)?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    match (stored, cipher) {
+        (None, None) => Ok(()),
+        (Some(id), None) => Err(Error::Startup(format!(
+            "the data folder holds webhook secrets encrypted with key id {id}; set \
+             storage.secret_key (or WEBHOOK_ROUTER__STORAGE__SECRET_KEY) to that key"
+        ))),
+        (Some(id), Some(c)) if id != c.key_id() => Err(Error::Startup(format!(
+            "storage.secret_key has key id {}, but the data folder's webhook secrets are \
+             encrypted with key id {id}; set the key they were encrypted with",
+            c.key_id()
+        ))),
+        (Some(_), Some(_)) => Ok(()),
+        (None, Some(c)) => {
+            // Every value is plain here (no key was ever recorded): seal them.
+            let mut new_webhooks = Vec::new();
+            for item in webhooks.iter() {
+                let (k, v) = item?;
+                let w = open_webhook(None, &v)?;
+                if matches!(w.auth, Auth::Basic { .. }) {
+                    new_webhooks.push((k, seal_webhook(Some(c), &w)?));
+                }
+            }
+            let mut new_secrets = Vec::new();
+            for item in secrets.iter() {
+                let (k, v) = item?;
+                let id = String::from_utf8_lossy(&k).into_owned();
+                let s = open_secret(None, &id, &v)?;
+                if !crypt::is_sealed(&s.current) {
+                    new_secrets.push((k, seal_secret(Some(c), &id, &s)?));
+                }
+            }
+            let sealed = new_webhooks.len() + new_secrets.len();
+            (webhooks, secrets, meta).transaction(|(wt, st, mt)| {
+                for (k, v) in &new_webhooks {
+                    wt.insert(k, v.as_slice())?;
+                }
+                for (k, v) in &new_secrets {
+                    st.insert(k, v.as_slice())?;
+                }
+                mt.insert(SECRET_KEY_ID, c.key_id().as_bytes())?;
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            })?;
+            db.flush()?;
+            tracing::info!(
+                key_id = c.key_id(),
+                sealed,
+                "storage.secret_key set: webhook secrets and passwords are encrypted at rest"
+            );
+            Ok(())
         }
     }
 }
