@@ -166,7 +166,7 @@ async fn call(
             .await
             .map(drop),
         "EventIngest/StreamEvents" => {
-            let req = PublishEventsRequest {
+            let req = StreamEventsRequest {
                 account_id,
                 events: vec![event("matrix-2", "COURSE_ENROLLMENT", 1)],
             };

@@ -55,6 +55,7 @@ fn state() -> &'static AppState {
                     catalog,
                     store,
                     dispatcher,
+                    metrics: Arc::new(webhook_router::metrics::Metrics::new(None)),
                 }
             });
             (state, rt, dir)

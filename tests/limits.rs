@@ -117,7 +117,7 @@ async fn noisy_token_is_rate_limited_while_another_token_is_served() {
     let sent = 60;
     let stream_started = Instant::now();
     for i in 0..sent {
-        tx.send(PublishEventsRequest {
+        tx.send(StreamEventsRequest {
             account_id: 1010,
             events: vec![event(&format!("stream-{i}"), "COURSE_ENROLLMENT", i)],
         })

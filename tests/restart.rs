@@ -155,8 +155,6 @@ async fn sigkill_with_retrying_deliveries_then_restart_delivers_everything() {
 
     healthy.store(true, Ordering::SeqCst);
     let failed_before = listener.requests().len();
-    // wait_events counts event ids, not requests.
-    let ids_before = listener.event_ids().len();
     let mut router = Router::start(&config);
     // Count only what arrived after the restart: the failed requests before
     // it carried event ids too.
