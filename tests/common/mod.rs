@@ -420,3 +420,7 @@ impl Drop for Listener {
         self.task.abort();
     }
 }
+
+// ------------------------------------------------------------ real binary
+
+pub mod process;
