@@ -31,6 +31,11 @@ struct Ledger {
     acked: HashSet<String>,
     /// PublishEvents calls that failed (outcome unknown or refused).
     failed_calls: usize,
+    /// Events sent again after a failed call.
+    resent: usize,
+    /// Of those, the ones the router reported as already stored: the kill
+    /// came after they were durable but before the answer arrived.
+    resent_found_stored: usize,
 }
 
 /// A publisher's progress across restarts.
@@ -101,6 +106,7 @@ impl Publisher {
     /// Publishes until `stop` is set: the unknown batch first, then new ones.
     async fn run(mut self, mut ingest: Ingest, ledger: Arc<Mutex<Ledger>>, stop: Arc<AtomicBool>) -> Self {
         while !stop.load(Ordering::SeqCst) {
+            let resend = self.unknown.is_some();
             let batch = match self.unknown.take() {
                 Some(b) => b,
                 None => {
@@ -113,9 +119,14 @@ impl Publisher {
                 events: batch.clone(),
             });
             match tokio::time::timeout(Duration::from_secs(5), call).await {
-                Ok(Ok(_)) => {
+                Ok(Ok(resp)) => {
                     let mut l = ledger.lock().unwrap();
                     l.acked.extend(batch.iter().map(|e| e.event_id.clone()));
+                    if resend {
+                        l.resent += batch.len();
+                        let results = resp.into_inner().results;
+                        l.resent_found_stored += results.iter().filter(|r| r.duplicate).count();
+                    }
                 }
                 _ => {
                     ledger.lock().unwrap().failed_calls += 1;
@@ -224,19 +235,27 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
     let mut ingest = router.ingest().await;
     for p in &mut publishers {
         if let Some(batch) = p.unknown.take() {
-            ingest
+            let results = ingest
                 .publish_events(PublishEventsRequest {
                     account_id: 1010,
                     events: batch.clone(),
                 })
                 .await
-                .expect("publish after the last restart");
+                .expect("publish after the last restart")
+                .into_inner()
+                .results;
             let mut l = ledger.lock().unwrap();
             l.acked.extend(batch.iter().map(|e| e.event_id.clone()));
+            l.resent += batch.len();
+            l.resent_found_stored += results.iter().filter(|r| r.duplicate).count();
         }
     }
     let (sent, acked, failed_calls) = {
         let l = ledger.lock().unwrap();
+        println!(
+            "{} events were sent again after a failed call; {} of them had been stored before the kill",
+            l.resent, l.resent_found_stored
+        );
         (l.sent.clone(), l.acked.clone(), l.failed_calls)
     };
     assert!(

@@ -258,7 +258,7 @@ async fn reset_mid_response() {
         "reset",
         &server.url(),
         Case {
-            error_contains: &["request failed"],
+            error_contains: &["request failed", "reset"],
             status: 0,
         },
     )
