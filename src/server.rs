@@ -81,6 +81,25 @@ pub async fn run(
         .set_serving::<EventIngestServer<IngestService>>()
         .await;
 
+    // A store that can no longer write (see Store::failure) turns health to
+    // NOT_SERVING, so an orchestrator knows to restart the process.
+    {
+        let health = health.clone();
+        let mut failure = store.watch_failure();
+        tokio::spawn(async move {
+            if failure.wait_for(|f| f.is_some()).await.is_ok() {
+                use tonic_health::ServingStatus::NotServing;
+                health.set_service_status("", NotServing).await;
+                health
+                    .set_not_serving::<WebhookAdminServer<AdminService>>()
+                    .await;
+                health
+                    .set_not_serving::<EventIngestServer<IngestService>>()
+                    .await;
+            }
+        });
+    }
+
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;

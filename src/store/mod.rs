@@ -2,6 +2,7 @@
 //! backend can follow behind the same calls.
 //!
 //! Trees and keys (all integers big-endian so byte order is numeric order):
+//! - default tree: `health_probe` → empty, rewritten to check that writes work.
 //! - `meta`: `schema_version` → u32; `bootstrap_tokens` → JSON.
 //! - `webhooks`: account(8) ‖ webhook id → Webhook (JSON).
 //! - `secrets`: webhook id → SecretRecord (JSON).
@@ -98,6 +99,23 @@ impl Store {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
         }
+    }
+
+    /// Why the store stopped taking writes, if it did. sled 0.34 cannot
+    /// recover from a write error (disk full, read-only, I/O) in-process:
+    /// reads keep working, writes fail until the service is restarted.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.commit.failure()
+    }
+
+    /// Changes when the store fails (see [`Store::failure`]).
+    pub fn watch_failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.inner.commit.watch_failure()
+    }
+
+    /// Checks with a tiny write that the store still takes writes.
+    pub fn probe(&self) -> Result<()> {
+        self.inner.commit.probe(&self.inner.db)
     }
 
     /// Stores the first-start tokens (hashes only) durably.

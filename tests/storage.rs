@@ -1,0 +1,242 @@
+//! Storage errors on the real binary: the data folder on a small tmpfs that
+//! fills up. Needs root (mount); skips with a printed reason otherwise.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::process::{write_router_config, RouterProcess};
+use common::*;
+use prost_types::{value::Kind, Struct, Value};
+
+/// A tmpfs mounted on a temp folder; unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "4m"), or says why it cannot.
+    fn mount(size: &str) -> Result<Tmpfs, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {size} failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// An event whose data carries `pad` bytes, so the disk fills quickly.
+fn big_event(id: &str, pad: usize) -> Event {
+    let mut e = event(id, "COURSE_ENROLLMENT", 7);
+    let mut fields: std::collections::BTreeMap<String, Value> =
+        e.data.take().unwrap().fields.into_iter().collect();
+    fields.insert(
+        "pad".into(),
+        Value {
+            kind: Some(Kind::StringValue("p".repeat(pad))),
+        },
+    );
+    e.data = Some(Struct {
+        fields: fields.into_iter().collect(),
+    });
+    e
+}
+
+fn config_in(dir: &Path) -> PathBuf {
+    write_router_config(dir, 2_000, "")
+}
+
+/// Health of the EventIngest service as the router reports it.
+async fn ingest_health(router: &RouterProcess) -> i32 {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    HealthClient::new(router.channel().await)
+        .check(HealthCheckRequest {
+            service: "webhooks.v1.EventIngest".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 =
+    tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_publish_unavailable_then_recovers_after_restart() {
+    let fs = match Tmpfs::mount("6m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("SKIPPED: needs a tmpfs mount (run as root): {why}");
+            return;
+        }
+    };
+    let config = config_in(fs.path());
+    // Answers take 300 ms, so a delivery is in flight when the disk fills.
+    let listener = Listener::start(Arc::new(|_, _| (200, vec![], Duration::from_millis(300)))).await;
+    let mut router = RouterProcess::start(&config);
+    let mut admin = router.admin().await;
+    let mut ingest = router.ingest().await;
+    let w = create(
+        &mut admin,
+        1010,
+        webhook("disk", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
+    )
+    .await;
+    assert_eq!(ingest_health(&router).await, SERVING);
+
+    // Fill the disk: 10 events of ~8 KB per request until one is refused.
+    let mut acked: Vec<String> = Vec::new();
+    let mut refused = None;
+    for b in 0..2_000 {
+        let events: Vec<Event> = (0..10)
+            .map(|i| big_event(&format!("d-{b}-{i}"), 8_000))
+            .collect();
+        let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+        match ingest
+            .publish_events(PublishEventsRequest {
+                account_id: 1010,
+                events,
+            })
+            .await
+        {
+            Ok(_) => acked.extend(ids),
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let status = refused.expect("the 6 MiB disk never filled up");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(acked.len() >= 10, "acknowledged before the disk filled: {}", acked.len());
+    println!(
+        "disk full after {} acknowledged events: {:?} {:?}",
+        acked.len(),
+        status.code(),
+        status.message()
+    );
+
+    // No panic, a clear log line, later writes refused at once, reads served.
+    assert!(router.child.try_wait().unwrap().is_none(), "the router died");
+    let t = Instant::now();
+    let again = ingest
+        .publish_events(PublishEventsRequest {
+            account_id: 1010,
+            events: vec![event("during-full", "COURSE_ENROLLMENT", 1)],
+        })
+        .await
+        .expect_err("publish on a full disk");
+    assert_eq!(again.code(), tonic::Code::Unavailable);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let got = admin
+        .get_webhook(GetWebhookRequest {
+            account_id: 1010,
+            webhook_id: w.id.clone(),
+        })
+        .await
+        .expect("reads keep working")
+        .into_inner();
+    assert_eq!(got.webhook.unwrap().name, "disk");
+    deliveries(&mut admin, &w.id).await;
+    assert_eq!(ingest_health(&router).await, NOT_SERVING);
+    let log = router.log_lines().join("\n");
+    assert!(
+        log.contains("the store cannot write to disk") && log.contains("No space left on device"),
+        "log:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "log:\n{log}");
+
+    // Deliveries pause: nothing is sent that could not be recorded (no
+    // resend loop of the payload that was in flight when the disk filled).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let during = listener.requests().len();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(listener.requests().len(), during, "sent while the store was failed");
+
+    // Space returns. sled cannot reopen its log in-process, so the router
+    // keeps refusing writes until it is restarted.
+    fs.resize("64m");
+    let in_process = ingest
+        .publish_events(PublishEventsRequest {
+            account_id: 1010,
+            events: vec![event("space-back", "COURSE_ENROLLMENT", 1)],
+        })
+        .await;
+    println!(
+        "publish after space returned, before restart: {:?}",
+        in_process.map(|_| ()).map_err(|s| s.code())
+    );
+    router.signal("-TERM");
+    let exit = router.wait_exit(Duration::from_secs(15));
+    println!("exit after SIGTERM with a failed store: {exit:?}");
+    assert!(!exit.success(), "a failed store must not exit 0");
+    drop(router);
+
+    // Restart on the same folder: the store opens, every acknowledged event
+    // arrives with its content, and publishing works again.
+    let router = RouterProcess::start(&config);
+    assert_eq!(ingest_health(&router).await, SERVING);
+    let mut ingest = router.ingest().await;
+    let t = Instant::now();
+    publish(&mut ingest, 1010, vec![event("after-restart", "COURSE_ENROLLMENT", 2)]).await;
+    let received = listener
+        .wait_until(Duration::from_secs(20), |r| {
+            r.iter()
+                .flat_map(|r| r.event_ids())
+                .any(|id| id == "after-restart")
+        })
+        .await;
+    println!("after restart: publish OK and delivered in {:?}", t.elapsed());
+    let mut by_id = std::collections::HashMap::new();
+    for r in &received {
+        for e in r.json()["events"].as_array().unwrap() {
+            by_id.insert(e["eventId"].as_str().unwrap().to_string(), e.clone());
+        }
+    }
+    for id in &acked {
+        let e = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged event {id} never delivered"));
+        assert_eq!(e["data"]["pad"].as_str().unwrap().len(), 8_000, "{id}");
+    }
+    assert!(by_id.contains_key("after-restart"));
+    assert!(
+        !by_id.contains_key("during-full"),
+        "an event refused with UNAVAILABLE was delivered"
+    );
+}
