@@ -61,7 +61,14 @@ impl Store {
             .path(dir.join("db"))
             .cache_capacity(64 * 1024 * 1024)
             .flush_every_ms(Some(500))
-            .open()?;
+            .open()
+            .map_err(|e| match Error::from(e) {
+                Error::Unavailable(m) => Error::Unavailable(format!(
+                    "cannot open the database in {}: {m}",
+                    dir.display()
+                )),
+                other => other,
+            })?;
         let meta = db.open_tree("meta")?;
         check_schema(&db, &meta)?;
         let log = db.open_tree("log")?;
