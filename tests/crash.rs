@@ -104,7 +104,12 @@ impl Publisher {
     }
 
     /// Publishes until `stop` is set: the unknown batch first, then new ones.
-    async fn run(mut self, mut ingest: Ingest, ledger: Arc<Mutex<Ledger>>, stop: Arc<AtomicBool>) -> Self {
+    async fn run(
+        mut self,
+        mut ingest: Ingest,
+        ledger: Arc<Mutex<Ledger>>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
         while !stop.load(Ordering::SeqCst) {
             let resend = self.unknown.is_some();
             let batch = match self.unknown.take() {
@@ -194,7 +199,12 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
             create(
                 &mut admin,
                 1010,
-                webhook(&format!("crash-{i}"), &l.url(), &["COURSE_ENROLLMENT"], no_auth()),
+                webhook(
+                    &format!("crash-{i}"),
+                    &l.url(),
+                    &["COURSE_ENROLLMENT"],
+                    no_auth(),
+                ),
             )
             .await;
         }

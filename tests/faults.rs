@@ -141,14 +141,24 @@ async fn run_case(name: &str, fault_url: &str, case: Case) -> Delivery {
     .await;
 
     let t0 = Instant::now();
-    publish(&mut ingest, 1010, vec![event("f-1", "COURSE_ENROLLMENT", 1)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("f-1", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
     healthy.wait_events(1, Duration::from_secs(5)).await;
     let first_latency = t0.elapsed();
 
     let d = failing_delivery(&mut admin, &faulty.id, 3).await;
     // The healthy webhook is not held back while the other one retries.
     let t1 = Instant::now();
-    publish(&mut ingest, 1010, vec![event("f-2", "COURSE_ENROLLMENT", 2)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("f-2", "COURSE_ENROLLMENT", 2)],
+    )
+    .await;
     let ids = healthy.wait_events(2, Duration::from_secs(5)).await;
     let second_latency = t1.elapsed();
     assert_eq!(ids, ["f-1", "f-2"], "{name}: healthy webhook's events");
@@ -353,7 +363,10 @@ async fn huge_response_body_is_read_only_up_to_the_cap() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let sent = written.lock().unwrap().clone();
-    assert!(sent.len() >= 3, "connections that finished writing: {sent:?}");
+    assert!(
+        sent.len() >= 3,
+        "connections that finished writing: {sent:?}"
+    );
     for s in &sent {
         assert!(
             *s < 32 << 20,

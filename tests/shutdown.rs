@@ -30,7 +30,11 @@ async fn sigterm_drains_in_flight_deliveries_and_refuses_new_connections() {
     let slow = {
         let slow_mode = slow_mode.clone();
         Listener::start(Arc::new(move |_, _| {
-            let delay = if slow_mode.load(Ordering::SeqCst) { 30_000 } else { 0 };
+            let delay = if slow_mode.load(Ordering::SeqCst) {
+                30_000
+            } else {
+                0
+            };
             (200, vec![], Duration::from_millis(delay))
         }))
         .await
@@ -51,7 +55,12 @@ async fn sigterm_drains_in_flight_deliveries_and_refuses_new_connections() {
         webhook("slow", &slow.url(), &["COURSE_ENROLLMENT"], no_auth()),
     )
     .await;
-    publish(&mut ingest, 1010, vec![event("t-0", "COURSE_ENROLLMENT", 1)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("t-0", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
     // Both first attempts are in flight.
     quick
         .wait_until(Duration::from_secs(10), |r| !r.is_empty())
@@ -92,7 +101,10 @@ async fn sigterm_drains_in_flight_deliveries_and_refuses_new_connections() {
         "shutdown took {took:?}"
     );
     // The slow attempt was cut at the grace period, not awaited for 30 s.
-    assert!(took >= Duration::from_millis(GRACE_MS - 100), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(GRACE_MS - 100),
+        "took {took:?}"
+    );
     let log = router.log_lines().join("\n");
     assert!(log.contains("store flushed"), "log:\n{log}");
     println!("SIGTERM to exit 0: {took:?}");

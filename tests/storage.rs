@@ -98,8 +98,7 @@ async fn ingest_health(router: &RouterProcess) -> i32 {
 }
 
 const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-const NOT_SERVING: i32 =
-    tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_publish_unavailable_then_recovers_after_restart() {
@@ -112,7 +111,8 @@ async fn disk_full_publish_unavailable_then_recovers_after_restart() {
     };
     let config = config_in(fs.path());
     // Answers take 300 ms, so a delivery is in flight when the disk fills.
-    let listener = Listener::start(Arc::new(|_, _| (200, vec![], Duration::from_millis(300)))).await;
+    let listener =
+        Listener::start(Arc::new(|_, _| (200, vec![], Duration::from_millis(300)))).await;
     let mut router = RouterProcess::start(&config);
     let mut admin = router.admin().await;
     let mut ingest = router.ingest().await;
@@ -148,7 +148,11 @@ async fn disk_full_publish_unavailable_then_recovers_after_restart() {
     }
     let status = refused.expect("the 6 MiB disk never filled up");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(acked.len() >= 10, "acknowledged before the disk filled: {}", acked.len());
+    assert!(
+        acked.len() >= 10,
+        "acknowledged before the disk filled: {}",
+        acked.len()
+    );
     println!(
         "disk full after {} acknowledged events: {:?} {:?}",
         acked.len(),
@@ -157,7 +161,10 @@ async fn disk_full_publish_unavailable_then_recovers_after_restart() {
     );
 
     // No panic, a clear log line, later writes refused at once, reads served.
-    assert!(router.child.try_wait().unwrap().is_none(), "the router died");
+    assert!(
+        router.child.try_wait().unwrap().is_none(),
+        "the router died"
+    );
     let t = Instant::now();
     let again = ingest
         .publish_events(PublishEventsRequest {
@@ -191,7 +198,11 @@ async fn disk_full_publish_unavailable_then_recovers_after_restart() {
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let during = listener.requests().len();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(listener.requests().len(), during, "sent while the store was failed");
+    assert_eq!(
+        listener.requests().len(),
+        during,
+        "sent while the store was failed"
+    );
 
     // Space returns. sled cannot reopen its log in-process, so the router
     // keeps refusing writes until it is restarted.
@@ -224,7 +235,12 @@ async fn disk_full_publish_unavailable_then_recovers_after_restart() {
     assert_eq!(ingest_health(&router).await, SERVING);
     let mut ingest = router.ingest().await;
     let t = Instant::now();
-    publish(&mut ingest, 1010, vec![event("after-restart", "COURSE_ENROLLMENT", 2)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("after-restart", "COURSE_ENROLLMENT", 2)],
+    )
+    .await;
     let received = listener
         .wait_until(Duration::from_secs(20), |r| {
             r.iter()
@@ -232,7 +248,10 @@ async fn disk_full_publish_unavailable_then_recovers_after_restart() {
                 .any(|id| id == "after-restart")
         })
         .await;
-    println!("after restart: publish OK and delivered in {:?}", t.elapsed());
+    println!(
+        "after restart: publish OK and delivered in {:?}",
+        t.elapsed()
+    );
     let mut by_id = std::collections::HashMap::new();
     for r in &received {
         for e in r.json()["events"].as_array().unwrap() {
@@ -280,7 +299,10 @@ fn start_expecting_failure(config: &Path) -> (std::process::ExitStatus, String) 
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A data folder on a file system mounted read-only: the router refuses to
@@ -308,7 +330,12 @@ async fn read_only_data_folder() {
         webhook("ro", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
     )
     .await;
-    publish(&mut ingest, 1010, vec![event("ro-1", "COURSE_ENROLLMENT", 1)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("ro-1", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
     listener.wait_events(1, Duration::from_secs(10)).await;
     router.signal("-TERM");
     assert!(router.wait_exit(Duration::from_secs(15)).success());
@@ -338,7 +365,12 @@ async fn read_only_data_folder() {
         .expect("webhook kept")
         .into_inner();
     assert_eq!(got.webhook.unwrap().name, "ro");
-    publish(&mut ingest, 1010, vec![event("ro-2", "COURSE_ENROLLMENT", 2)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("ro-2", "COURSE_ENROLLMENT", 2)],
+    )
+    .await;
     let ids = listener.wait_events(2, Duration::from_secs(10)).await;
     assert_eq!(ids, ["ro-1", "ro-2"]);
 }

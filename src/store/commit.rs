@@ -165,7 +165,9 @@ impl GroupCommit {
             }
             if failed >= ticket {
                 let why = self.failure().unwrap_or_default();
-                return Err(Error::Unavailable(format!("flushing to disk failed: {why}")));
+                return Err(Error::Unavailable(format!(
+                    "flushing to disk failed: {why}"
+                )));
             }
             if rx.changed().await.is_err() {
                 return Err(Error::ShuttingDown);
