@@ -1,5 +1,6 @@
 //! Crash safety of the real binary: SIGKILL at random points during sustained
-//! publishing (several concurrent publishers) and delivery (several webhooks),
+//! publishing (several concurrent publishers) and delivery (several webhooks,
+//! real-time and batch lanes),
 //! restarting on the same data folder each time. At the end every
 //! acknowledged event reached every webhook at least once, nothing arrived
 //! with content other than what was sent for its event_id (events whose
@@ -19,8 +20,11 @@ use prost_types::{value::Kind, ListValue, Struct, Value};
 use rand::{Rng, SeedableRng};
 
 const PUBLISHERS: usize = 4;
-const WEBHOOKS: usize = 3;
 const KILLS: usize = 5;
+const REALTIME: &str = "COURSE_ENROLLMENT";
+const BATCH: &str = "COURSE_ENROLLMENT_BATCH";
+/// The webhooks' event types: real-time lane only, both lanes, batch lane only.
+const WEBHOOK_TYPES: [&[&str]; 3] = [&[REALTIME], &[REALTIME, BATCH], &[BATCH]];
 
 /// What was sent for each event id, and which publishes were acknowledged.
 #[derive(Default)]
@@ -65,6 +69,11 @@ impl Publisher {
         let n = self.next;
         self.next += 1;
         let id = format!("p{}-{n:06}", self.id);
+        let name = if self.rng.gen_bool(0.3) {
+            BATCH
+        } else {
+            REALTIME
+        };
         let user: u64 = self.rng.gen_range(1..10_000_000);
         let blob_len = self.rng.gen_range(0..400);
         let blob: String = (0..blob_len)
@@ -86,7 +95,7 @@ impl Publisher {
         );
         let expected = serde_json::json!({
             "eventId": id,
-            "eventName": "COURSE_ENROLLMENT",
+            "eventName": name,
             "timestamp": timestamp,
             "eventInfo": info,
             "data": {"blob": blob, "scores": [json_number(score), n], "userId": user},
@@ -94,7 +103,7 @@ impl Publisher {
         ledger.lock().unwrap().sent.insert(id.clone(), expected);
         Event {
             event_id: id,
-            event_name: "COURSE_ENROLLMENT".into(),
+            event_name: name.into(),
             timestamp,
             event_info: info,
             data: Some(Struct {
@@ -169,11 +178,11 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let dir = tempfile::tempdir().unwrap();
-    let config = write_router_config(dir.path(), 2_000, "");
+    let config = write_router_config(dir.path(), 2_000, "batch_interval_ms = 200");
     // Listeners answer after a short random delay, so deliveries are in flight
     // when the kill comes.
     let mut listeners = Vec::new();
-    for _ in 0..WEBHOOKS {
+    for _ in WEBHOOK_TYPES {
         listeners.push(
             Listener::start(Arc::new(|n, _| {
                 (200, vec![], Duration::from_millis((n % 7) as u64 * 3))
@@ -195,16 +204,11 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
     let mut router = RouterProcess::start(&config);
     {
         let mut admin = router.admin().await;
-        for (i, l) in listeners.iter().enumerate() {
+        for (i, (l, types)) in listeners.iter().zip(WEBHOOK_TYPES).enumerate() {
             create(
                 &mut admin,
                 1010,
-                webhook(
-                    &format!("crash-{i}"),
-                    &l.url(),
-                    &["COURSE_ENROLLMENT"],
-                    no_auth(),
-                ),
+                webhook(&format!("crash-{i}"), &l.url(), types, no_auth()),
             )
             .await;
         }
@@ -274,11 +278,15 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
         acked.len()
     );
     let mut duplicates_total = 0;
-    for (i, l) in listeners.iter().enumerate() {
+    for (i, (l, types)) in listeners.iter().zip(WEBHOOK_TYPES).enumerate() {
+        let wanted: HashSet<&String> = acked
+            .iter()
+            .filter(|id| types.contains(&sent[*id]["eventName"].as_str().unwrap()))
+            .collect();
         let got = l
             .wait_until(Duration::from_secs(30), |reqs| {
                 let ids: HashSet<String> = reqs.iter().flat_map(|r| r.event_ids()).collect();
-                acked.iter().all(|id| ids.contains(id))
+                wanted.iter().all(|id| ids.contains(*id))
             })
             .await;
         let mut arrivals = Vec::new();
@@ -292,7 +300,7 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
             .map(|e| e["eventId"].as_str().unwrap().to_string())
             .collect();
         let unique: HashSet<&String> = ids.iter().collect();
-        let missing: Vec<&String> = acked.iter().filter(|id| !unique.contains(id)).collect();
+        let missing: Vec<&&String> = wanted.iter().filter(|id| !unique.contains(**id)).collect();
         assert!(
             missing.is_empty(),
             "webhook {i}: {} acknowledged events never arrived, e.g. {:?}",
@@ -307,27 +315,29 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
                 .unwrap_or_else(|| panic!("webhook {i}: event {id} was never sent"));
             assert_eq!(e, expected, "webhook {i}: content of {id}");
         }
-        // Order: each publisher's events first arrive in publish order.
-        let mut last: HashMap<usize, u64> = HashMap::new();
+        // Order: within each lane, each publisher's events first arrive in
+        // publish order.
+        let mut last: HashMap<(usize, &str), u64> = HashMap::new();
         let mut seen = HashSet::new();
-        for id in &ids {
+        for e in &arrivals {
+            let id = e["eventId"].as_str().unwrap();
             if !seen.insert(id) {
                 continue;
             }
+            let lane = e["eventName"].as_str().unwrap();
+            assert!(types.contains(&lane), "webhook {i} got a {lane} event");
             let (p, n) = publisher_of(id);
-            if let Some(prev) = last.insert(p, n) {
+            if let Some(prev) = last.insert((p, lane), n) {
                 assert!(
                     n > prev,
-                    "webhook {i}: publisher {p}'s event {n} first arrived after its event {prev}"
+                    "webhook {i}, {lane}: publisher {p}'s event {n} first arrived after its event {prev}"
                 );
             }
         }
         let duplicates = ids.len() - unique.len();
         duplicates_total += duplicates;
-        let unacked_delivered = unique.iter().filter(|id| !acked.contains(**id)).count();
         println!(
-            "webhook {i}: {} arrivals in {} requests, {} unique, {duplicates} duplicates, \
-             {unacked_delivered} delivered without an acknowledged publish",
+            "webhook {i} {types:?}: {} arrivals in {} requests, {} unique, {duplicates} duplicates",
             ids.len(),
             got.len(),
             unique.len()
@@ -335,9 +345,10 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
     }
     println!(
         "{KILLS} kills: {} events sent, {} acknowledged, {failed_calls} publish calls failed, \
-         {duplicates_total} duplicate deliveries over {WEBHOOKS} webhooks, {:?} total",
+         {duplicates_total} duplicate deliveries over {} webhooks, {:?} total",
         sent.len(),
         acked.len(),
+        WEBHOOK_TYPES.len(),
         started.elapsed()
     );
 

@@ -377,7 +377,9 @@ async fn huge_response_body_is_read_only_up_to_the_cap() {
     println!(
         "huge body: bytes written per attempt before the router closed: {sent:?}; RSS {rss_before} → {rss_after} KiB"
     );
-    assert!(growth < 64 * 1024, "RSS grew by {growth} KiB");
+    // Process-wide (other tests run alongside), so only a coarse bound: three
+    // attempts reading the announced 1 GiB each would be far above it.
+    assert!(growth < 256 * 1024, "RSS grew by {growth} KiB");
 }
 
 #[tokio::test]
