@@ -158,7 +158,7 @@ impl Lane {
         }
         if self.dispatcher.inner.store.failure().is_some() {
             // The store takes no writes: a delivery now could not be recorded
-            // and would be sent again and again. Wait for a restart.
+            // and would be sent again and again. Wait until it is reopened.
             return Ok(if self.pause(Duration::from_secs(1)).await {
                 Flow::Exit
             } else {

@@ -62,8 +62,8 @@ impl Shared {
             tracing::error!(
                 error = %e,
                 "the store cannot write to disk: writes are refused (UNAVAILABLE) and deliveries \
-                 paused; acknowledged events are safe on disk; restart the service once the \
-                 disk is writable again (sled cannot recover from a write error in-process)"
+                 paused; acknowledged events are safe on disk; the service reopens the store \
+                 once the data folder takes writes again"
             );
         }
     }

@@ -109,8 +109,9 @@ impl Store {
     }
 
     /// Why the store stopped taking writes, if it did. sled 0.34 cannot
-    /// recover from a write error (disk full, read-only, I/O) in-process:
-    /// reads keep working, writes fail until the service is restarted.
+    /// resume after a write error (disk full, read-only, I/O): reads keep
+    /// working, writes fail until the database is opened again (the server
+    /// does that once the folder takes writes again).
     pub fn failure(&self) -> Option<String> {
         self.inner.commit.failure()
     }

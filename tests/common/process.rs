@@ -142,6 +142,38 @@ impl RouterProcess {
         }
     }
 
+    /// Waits until the log shows the `n`-th `webhook-router serving` line
+    /// (the router started again in-process) and switches to its address.
+    pub fn wait_serving(&mut self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let addrs: Vec<String> = self
+                .log_lines()
+                .iter()
+                .filter(|l| l.contains("webhook-router serving"))
+                .filter_map(|l| {
+                    let i = l.find("addr=")?;
+                    Some(
+                        l[i + 5..]
+                            .chars()
+                            .take_while(|c| !c.is_whitespace())
+                            .collect(),
+                    )
+                })
+                .collect();
+            if addrs.len() >= n {
+                self.addr = addrs[n - 1].clone();
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no serving line #{n}; log:\n{}",
+                self.log_lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The log lines captured so far.
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
