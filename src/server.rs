@@ -88,7 +88,7 @@ pub async fn run(
         .await;
 
     // A store that can no longer write (see Store::failure) turns health to
-    // NOT_SERVING, so an orchestrator knows to restart the process.
+    // NOT_SERVING until the store is reopened (see stop_when_writable_again).
     {
         let health = health.clone();
         let mut failure = store.watch_failure();
