@@ -110,6 +110,15 @@ async fn serve(config: Config) -> ExitCode {
                 }
             }
             Ok(()) => return ExitCode::SUCCESS,
+            Err(e) if quick_restarts > 0 => {
+                // E.g. a connection that outlived the grace period still
+                // holds the old database: a fresh process can open it.
+                eprintln!(
+                    "error: could not start again after a storage failure: {e}; \
+                     exiting so the service can be restarted"
+                );
+                return ExitCode::FAILURE;
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;

@@ -100,6 +100,29 @@ async fn ingest_health(router: &RouterProcess) -> i32 {
 const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
 const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
 
+/// Publishes 10 events of ~8 KB per request until one is refused; returns
+/// the acknowledged ids and the refusal.
+async fn fill_disk(ingest: &mut Ingest) -> (Vec<String>, Option<tonic::Status>) {
+    let mut acked: Vec<String> = Vec::new();
+    for b in 0..2_000 {
+        let events: Vec<Event> = (0..10)
+            .map(|i| big_event(&format!("d-{b}-{i}"), 8_000))
+            .collect();
+        let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+        match ingest
+            .publish_events(PublishEventsRequest {
+                account_id: 1010,
+                events,
+            })
+            .await
+        {
+            Ok(_) => acked.extend(ids),
+            Err(status) => return (acked, Some(status)),
+        }
+    }
+    (acked, None)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_publish_unavailable_then_recovers_when_space_returns() {
     let fs = match Tmpfs::mount("6m") {
@@ -124,28 +147,7 @@ async fn disk_full_publish_unavailable_then_recovers_when_space_returns() {
     .await;
     assert_eq!(ingest_health(&router).await, SERVING);
 
-    // Fill the disk: 10 events of ~8 KB per request until one is refused.
-    let mut acked: Vec<String> = Vec::new();
-    let mut refused = None;
-    for b in 0..2_000 {
-        let events: Vec<Event> = (0..10)
-            .map(|i| big_event(&format!("d-{b}-{i}"), 8_000))
-            .collect();
-        let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
-        match ingest
-            .publish_events(PublishEventsRequest {
-                account_id: 1010,
-                events,
-            })
-            .await
-        {
-            Ok(_) => acked.extend(ids),
-            Err(status) => {
-                refused = Some(status);
-                break;
-            }
-        }
-    }
+    let (acked, refused) = fill_disk(&mut ingest).await;
     let status = refused.expect("the 6 MiB disk never filled up");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(
@@ -390,4 +392,69 @@ async fn read_only_data_folder() {
     .await;
     let ids = listener.wait_events(2, Duration::from_secs(10)).await;
     assert_eq!(ids, ["ro-1", "ro-2"]);
+}
+
+/// When the old database cannot be released in-process (here a client keeps
+/// a WatchDeliveries stream open past the grace period, and its connection
+/// holds the store), the router does not hang or serve half-way: it exits 1
+/// with a clear message, and a new process opens the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_recovery_falls_back_to_exit_when_the_store_stays_held() {
+    let fs = match Tmpfs::mount("6m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("SKIPPED: needs a tmpfs mount (run as root): {why}");
+            return;
+        }
+    };
+    let config = config_in(fs.path());
+    let listener = Listener::ok().await;
+    let mut router = RouterProcess::start(&config);
+    let mut admin = router.admin().await;
+    let mut ingest = router.ingest().await;
+    create(
+        &mut admin,
+        1010,
+        webhook("held", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
+    )
+    .await;
+    let _watch = admin
+        .watch_deliveries(WatchDeliveriesRequest {
+            account_id: 1010,
+            webhook_id: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let (acked, refused) = fill_disk(&mut ingest).await;
+    assert_eq!(refused.expect("disk full").code(), tonic::Code::Unavailable);
+
+    fs.resize("64m");
+    let exit = router.wait_exit(Duration::from_secs(20));
+    let log = router.log_lines().join("\n");
+    assert_eq!(exit.code(), Some(1), "log:\n{log}");
+    assert!(
+        log.contains("error: could not start again after a storage failure"),
+        "log:\n{log}"
+    );
+    drop(router);
+
+    let router = RouterProcess::start(&config);
+    let mut ingest = router.ingest().await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("fresh", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
+    let got = listener
+        .wait_until(Duration::from_secs(20), |r| {
+            r.iter().flat_map(|r| r.event_ids()).any(|id| id == "fresh")
+        })
+        .await;
+    let ids: std::collections::HashSet<String> = got.iter().flat_map(|r| r.event_ids()).collect();
+    assert!(
+        acked.iter().all(|id| ids.contains(id)),
+        "acknowledged events lost"
+    );
 }
