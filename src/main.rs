@@ -76,18 +76,57 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> ExitCode {
     let addr = config.listen_addr();
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: cannot listen on {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match webhook_router::run(config, listener, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+    let (signalled_tx, signalled) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = signalled_tx.send(true);
+    });
+    // In-process restarts after a storage failure; back off if they repeat.
+    let mut quick_restarts = 0u32;
+    loop {
+        let started = std::time::Instant::now();
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut signal = signalled.clone();
+        let shutdown = async move {
+            let _ = signal.wait_for(|s| *s).await;
+        };
+        match webhook_router::run(config.clone(), listener, shutdown).await {
+            // Stopped without a signal: the store had failed and the disk
+            // takes writes again; start over on a freshly opened store.
+            Ok(()) if !*signalled.borrow() => {
+                if started.elapsed() < std::time::Duration::from_secs(60) {
+                    quick_restarts = (quick_restarts + 1).min(8);
+                } else {
+                    quick_restarts = 0;
+                }
+                let pause = std::time::Duration::from_millis(100 << quick_restarts);
+                tracing::info!(?pause, "starting again after a storage failure");
+                let mut signal = signalled.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = signal.wait_for(|s| *s) => return ExitCode::SUCCESS,
+                }
+            }
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(e) if quick_restarts > 0 => {
+                // E.g. a connection that outlived the grace period still
+                // holds the old database: a fresh process can open it.
+                eprintln!(
+                    "error: could not start again after a storage failure: {e}; \
+                     exiting so the service can be restarted"
+                );
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
 }

@@ -444,6 +444,7 @@ pub async fn serve(
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
         };
         let metrics = metrics.clone();
+        let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<Incoming>| {
                 let metrics = metrics.clone();
@@ -466,9 +467,14 @@ pub async fn serve(
                     Ok::<_, http::Error>(resp.unwrap_or_default())
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            // A kept-alive scraper must not keep the store (held by
+            // `metrics`) open past shutdown.
+            tokio::select! {
+                _ = conn => {}
+                _ = async { let _ = conn_shutdown.wait_for(|s| *s).await; } => {}
+            }
         });
     }
 }

@@ -34,6 +34,12 @@ pub const INITIAL_CREDENTIALS_FILE: &str = "initial-credentials.toml";
 /// the server stops accepting, lanes finish or requeue within
 /// `shutdown_grace_ms`, and the store is flushed. When `metrics.listen` is
 /// set, `/metrics` is served there too.
+///
+/// It also returns `Ok(())` before `shutdown` resolves in one case: the store
+/// failed (see [`Store::failure`]) and `data_dir` takes writes again. sled
+/// cannot resume writing in-process, so the router drains the same way and
+/// returns, for the caller to run it again on a freshly opened store (the
+/// binary does; see `main.rs`).
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -112,6 +118,25 @@ pub async fn run_with_metrics_listener(
         .set_serving::<EventIngestServer<IngestService>>()
         .await;
 
+    // A store that can no longer write (see Store::failure) turns health to
+    // NOT_SERVING until the store is reopened (see stop_when_writable_again).
+    {
+        let health = health.clone();
+        let mut failure = store.watch_failure();
+        tokio::spawn(async move {
+            if failure.wait_for(|f| f.is_some()).await.is_ok() {
+                use tonic_health::ServingStatus::NotServing;
+                health.set_service_status("", NotServing).await;
+                health
+                    .set_not_serving::<WebhookAdminServer<AdminService>>()
+                    .await;
+                health
+                    .set_not_serving::<EventIngestServer<IngestService>>()
+                    .await;
+            }
+        });
+    }
+
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -119,6 +144,13 @@ pub async fn run_with_metrics_listener(
     // The signal stops accepting at once; connections still open (watch
     // streams, idle clients) get shutdown_grace_ms to finish, then are dropped.
     let (signal_tx, mut signal_rx) = tokio::sync::watch::channel(false);
+    let reopen_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(stop_when_writable_again(
+        store.watch_failure(),
+        config.data_dir.clone(),
+        signal_tx.clone(),
+        reopen_requested.clone(),
+    ));
     tokio::spawn(async move {
         shutdown.await;
         let _ = signal_tx.send(true);
@@ -169,8 +201,14 @@ pub async fn run_with_metrics_listener(
     };
     tracing::info!("gRPC server stopped; draining deliveries");
     dispatcher.shutdown().await;
-    store.flush().await?;
-    tracing::info!("store flushed; bye");
+    match store.flush().await {
+        Ok(()) => tracing::info!("store flushed; bye"),
+        // The store failed earlier; what it acknowledged is on disk already.
+        Err(e) if reopen_requested.load(std::sync::atomic::Ordering::SeqCst) => {
+            tracing::info!(error = %e, "stopped to reopen the failed store")
+        }
+        Err(e) => return Err(e),
+    }
     served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
 }
 
@@ -270,4 +308,48 @@ fn load_tls(config: &Config) -> Result<Option<ServerTlsConfig>> {
         .tls_config(tls.clone())
         .map_err(|e| Error::Startup(format!("tls: {e}")))?;
     Ok(Some(tls))
+}
+
+/// Bytes written (and removed) to check that `data_dir` takes writes again:
+/// room for a couple of the database's log segments.
+const WRITE_PROBE_BYTES: usize = 1 << 20;
+
+/// Once the store has failed, checks every second whether `data_dir` takes
+/// writes again; then asks [`run`] to stop (`stop`) so it can be started on
+/// a freshly opened store, and says so in `requested`. Holds no store handle,
+/// so the database can be released and reopened.
+async fn stop_when_writable_again(
+    mut failure: tokio::sync::watch::Receiver<Option<String>>,
+    data_dir: std::path::PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    requested: Arc<std::sync::atomic::AtomicBool>,
+) {
+    if failure.wait_for(|f| f.is_some()).await.is_err() {
+        return; // the store closed without failing
+    }
+    let probe = data_dir.join(".write-probe");
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if *stop.borrow() {
+            return;
+        }
+        let path = probe.clone();
+        let writable = tokio::task::spawn_blocking(move || {
+            let result = std::fs::write(&path, vec![0u8; WRITE_PROBE_BYTES])
+                .and_then(|_| std::fs::File::open(&path)?.sync_all());
+            let _ = std::fs::remove_file(&path);
+            result.is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if writable {
+            break;
+        }
+    }
+    tracing::warn!(
+        data_dir = %data_dir.display(),
+        "the data folder takes writes again; restarting the service on a freshly opened store"
+    );
+    requested.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = stop.send(true);
 }

@@ -74,6 +74,9 @@ impl Lane {
                     Ok(Flow::Exit) => return,
                     Err(e) => {
                         // Storage trouble: keep the lane, try again shortly.
+                        // If the store can no longer write, say so now, so
+                        // no lane sends what it could not record.
+                        let _ = self.dispatcher.inner.store.probe();
                         tracing::error!(error = %e, "lane step failed; retrying in 1 s");
                         if self.pause(Duration::from_secs(1)).await {
                             return;
@@ -154,6 +157,15 @@ impl Lane {
     ) -> Result<Flow> {
         if self.stopping() {
             return Ok(Flow::Exit);
+        }
+        if self.dispatcher.inner.store.failure().is_some() {
+            // The store takes no writes: a delivery now could not be recorded
+            // and would be sent again and again. Wait until it is reopened.
+            return Ok(if self.pause(Duration::from_secs(1)).await {
+                Flow::Exit
+            } else {
+                Flow::Continue
+            });
         }
         let Some(snap) = self.snapshot.borrow_and_update().clone() else {
             return Ok(Flow::Exit);

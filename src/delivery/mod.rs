@@ -288,17 +288,21 @@ impl Dispatcher {
     pub async fn shutdown(&self) {
         self.inner.stop.send_replace(true);
         let grace = Duration::from_millis(self.inner.config.shutdown_grace_ms);
-        let tasks: Vec<JoinHandle<()>> = {
+        // Keep each set's snapshot sender alive until its lanes have ended:
+        // dropping it reads as "webhook deleted" and would cut the attempts
+        // in flight at once instead of letting them finish.
+        let mut sets: Vec<LaneSet> = {
             let mut lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
-            lanes.drain().flat_map(|(_, set)| set.tasks).collect()
+            lanes.drain().map(|(_, set)| set).collect()
         };
         let deadline = tokio::time::Instant::now() + grace;
-        for mut t in tasks {
-            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+        for t in sets.iter_mut().flat_map(|set| set.tasks.iter_mut()) {
+            if tokio::time::timeout_at(deadline, &mut *t).await.is_err() {
                 t.abort();
                 let _ = t.await;
             }
         }
+        drop(sets);
     }
 
     /// Marks a webhook disabled by the service and pauses its lanes.

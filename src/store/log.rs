@@ -117,7 +117,10 @@ impl Store {
             }
             if seq != state.last_seq {
                 batch.insert(HIGH_WATER, &seq.to_be_bytes());
-                self.inner.log.apply_batch(batch)?;
+                self.inner
+                    .log
+                    .apply_batch(batch)
+                    .inspect_err(|e| self.inner.commit.note_error(e))?;
                 state.last_seq = seq;
             }
             (outcomes, seq, self.inner.commit.ticket())

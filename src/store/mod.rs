@@ -2,6 +2,7 @@
 //! backend can follow behind the same calls.
 //!
 //! Trees and keys (all integers big-endian so byte order is numeric order):
+//! - default tree: `health_probe` → empty, rewritten to check that writes work.
 //! - `meta`: `schema_version` → u32; `bootstrap_tokens` → JSON;
 //!   `secret_key_id` → the id of the key secrets are sealed with (see [`crypt`]).
 //! - `webhooks`: account(8) ‖ webhook id → Webhook (JSON).
@@ -76,7 +77,14 @@ impl Store {
             .path(dir.join("db"))
             .cache_capacity(64 * 1024 * 1024)
             .flush_every_ms(Some(500))
-            .open()?;
+            .open()
+            .map_err(|e| match Error::from(e) {
+                Error::Unavailable(m) => Error::Unavailable(format!(
+                    "cannot open the database in {}: {m}",
+                    dir.display()
+                )),
+                other => other,
+            })?;
         let meta = db.open_tree("meta")?;
         check_schema(&db, &meta)?;
         let log = db.open_tree("log")?;
@@ -119,6 +127,24 @@ impl Store {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
         }
+    }
+
+    /// Why the store stopped taking writes, if it did. sled 0.34 cannot
+    /// resume after a write error (disk full, read-only, I/O): reads keep
+    /// working, writes fail until the database is opened again (the server
+    /// does that once the folder takes writes again).
+    pub fn failure(&self) -> Option<String> {
+        self.inner.commit.failure()
+    }
+
+    /// Changes when the store fails (see [`Store::failure`]).
+    pub fn watch_failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.inner.commit.watch_failure()
+    }
+
+    /// Checks with a tiny write that the store still takes writes.
+    pub fn probe(&self) -> Result<()> {
+        self.inner.commit.probe(&self.inner.db)
     }
 
     /// Stores the first-start tokens (hashes only) durably.

@@ -459,3 +459,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap())
 }
+
+// ------------------------------------------------------------ real binary
+
+pub mod process;
