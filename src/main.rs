@@ -115,8 +115,23 @@ async fn serve(config: Config) -> ExitCode {
             }
             Ok(()) => return ExitCode::SUCCESS,
             Err(e) if quick_restarts > 0 => {
-                // E.g. a connection that outlived the grace period still
-                // holds the old database: a fresh process can open it.
+                // The old database is still held in this process: a
+                // connection outlived the grace period, or sled left a flush
+                // waiting forever after the I/O error. A fresh process image
+                // can open it: re-execute this binary (same pid, arguments and
+                // environment; exec closes the database's files).
+                let reexecs: u32 = std::env::var(REEXEC_ENV)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if reexecs < MAX_REEXECS {
+                    tracing::warn!(
+                        error = %e,
+                        "could not reopen the store in-process; re-executing the router"
+                    );
+                    let err = reexec(reexecs + 1);
+                    eprintln!("error: re-executing failed: {err}");
+                }
                 eprintln!(
                     "error: could not start again after a storage failure: {e}; \
                      exiting so the service can be restarted"
@@ -129,6 +144,24 @@ async fn serve(config: Config) -> ExitCode {
             }
         }
     }
+}
+
+/// Counts re-executions after storage failures (not a config variable: one `_`).
+const REEXEC_ENV: &str = "WEBHOOK_ROUTER_REEXECS";
+/// After this many re-executions in a row the process exits 1 instead.
+const MAX_REEXECS: u32 = 3;
+
+/// Replaces this process with a fresh run of the same binary; returns only on failure.
+fn reexec(count: u32) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(REEXEC_ENV, count.to_string())
+        .exec()
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -396,10 +396,10 @@ async fn read_only_data_folder() {
 
 /// When the old database cannot be released in-process (here a client keeps
 /// a WatchDeliveries stream open past the grace period, and its connection
-/// holds the store), the router does not hang or serve half-way: it exits 1
-/// with a clear message, and a new process opens the store.
+/// holds the store), the router does not hang or serve half-way: it
+/// re-executes itself (same pid), and the fresh image opens the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disk_full_recovery_falls_back_to_exit_when_the_store_stays_held() {
+async fn disk_full_recovery_reexecutes_when_the_store_stays_held() {
     let fs = match Tmpfs::mount("6m") {
         Ok(fs) => fs,
         Err(why) => {
@@ -430,16 +430,18 @@ async fn disk_full_recovery_falls_back_to_exit_when_the_store_stays_held() {
     assert_eq!(refused.expect("disk full").code(), tonic::Code::Unavailable);
 
     fs.resize("64m");
-    let exit = router.wait_exit(Duration::from_secs(20));
-    let log = router.log_lines().join("\n");
-    assert_eq!(exit.code(), Some(1), "log:\n{log}");
+    router.wait_serving(2, Duration::from_secs(20));
     assert!(
-        log.contains("error: could not start again after a storage failure"),
+        router.child.try_wait().unwrap().is_none(),
+        "the router exited"
+    );
+    let log = router.log_lines().join("\n");
+    assert!(
+        log.contains("could not reopen the store in-process; re-executing the router"),
         "log:\n{log}"
     );
-    drop(router);
 
-    let router = RouterProcess::start(&config);
+    // The fresh image serves: publish and get everything delivered.
     let mut ingest = router.ingest().await;
     publish(
         &mut ingest,
@@ -457,4 +459,7 @@ async fn disk_full_recovery_falls_back_to_exit_when_the_store_stays_held() {
         acked.iter().all(|id| ids.contains(id)),
         "acknowledged events lost"
     );
+    router.signal("-TERM");
+    let exit = router.wait_exit(Duration::from_secs(15));
+    assert!(exit.success(), "exit after re-execution: {exit:?}");
 }

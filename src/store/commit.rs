@@ -106,6 +106,13 @@ impl GroupCommit {
                     }
                     continue;
                 }
+                if shared.failure.borrow().is_some() {
+                    // sled refuses writes after its first I/O error, and a
+                    // flush then can wait forever for a log position that
+                    // will never be written: fail the waiters instead.
+                    shared.done.send_modify(|d| d.1 = d.1.max(target));
+                    continue;
+                }
                 let result = db.flush_async().await;
                 shared.done.send_modify(|d| match &result {
                     Ok(_) => d.0 = d.0.max(target),

@@ -7,9 +7,9 @@
 //!   `secret_key_id` → the id of the key secrets are sealed with (see [`crypt`]).
 //! - `webhooks`: account(8) ‖ webhook id → Webhook (JSON).
 //! - `secrets`: webhook id → SecretRecord (JSON).
-//! - `log`: `e` ‖ account(8) ‖ seq(8) → event record; `i` ‖ account(8) ‖
-//!   event id → seq(8); `m` → highest seq. One tree, so one batch makes an
-//!   ingest request atomic.
+//! - `log`: `e` ‖ account(8) ‖ first seq(8) → chunk (the events of one
+//!   request, see `log.rs`); `i` ‖ account(8) ‖ event id → seq(8); `m` →
+//!   highest seq. One tree, so one batch makes an ingest request atomic.
 //! - `lanes`: `L` ‖ webhook id ‖ `/` ‖ mode → LaneState (JSON); `D` ‖ webhook
 //!   id ‖ `/` ‖ delivery id → DeliveryRecord (JSON); `Q` ‖ … requeued work.
 //!   A delivery record is always written before the lane state that points
@@ -35,7 +35,8 @@ use crate::config::TokenConfig;
 use crate::error::{Error, Result};
 
 /// Version of the on-disk layout this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 1: one log key per event. 2: one log key per request (chunk).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
@@ -171,13 +172,22 @@ fn check_schema(db: &sled::Db, meta: &sled::Tree) -> Result<()> {
                     .map_err(|_| Error::Internal("corrupt schema_version".into()))?,
             );
             if found > SCHEMA_VERSION {
-                Err(Error::Internal(format!(
+                return Err(Error::Internal(format!(
                     "data folder has schema version {found}, newer than this build's {SCHEMA_VERSION}"
-                )))
-            } else {
-                // Migrations from older versions go here when there are any.
-                Ok(())
+                )));
             }
+            if found < 2 {
+                let n = log::migrate_v1(&db.open_tree("log")?)?;
+                tracing::info!(
+                    events = n,
+                    "event log converted to schema version 2 (chunks)"
+                );
+            }
+            if found < SCHEMA_VERSION {
+                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Ok(())
         }
     }
 }

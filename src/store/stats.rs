@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 
 use super::deliveries::requeued_key;
-use super::log::{event_key, split_record};
 use super::Store;
 use crate::domain::delivery::ModeTag;
 use crate::error::Result;
@@ -42,26 +41,23 @@ impl Store {
             if let Some(record) = self.delivery(webhook_id, head)? {
                 out.events += record.seqs.len() as u64;
                 if let Some(first) = record.seqs.first() {
-                    if let Some(v) = self.inner.log.get(event_key(account_id, *first))? {
-                        out.oldest_ingest_ms = Some(split_record(&v)?.0);
-                    }
+                    out.oldest_ingest_ms = self.event_ingest_ms(account_id, *first)?;
                 }
             }
         }
-        let start = event_key(account_id, state.cursor.saturating_add(1));
-        let end = event_key(account_id, u64::MAX);
-        for (n, item) in self.inner.log.range(start..=end).enumerate() {
-            if n >= scan_limit {
+        let mut examined = 0;
+        self.visit_events(account_id, state.cursor, |_, e| {
+            if examined >= scan_limit {
                 out.capped = true;
-                break;
+                return Ok(false);
             }
-            let (_, v) = item?;
-            let (ingest_ms, name, _, _) = split_record(&v)?;
-            if types.contains(name) {
+            examined += 1;
+            if types.contains(e.name) {
                 out.events += 1;
-                out.oldest_ingest_ms.get_or_insert(ingest_ms);
+                out.oldest_ingest_ms.get_or_insert(e.ingest_ms);
             }
-        }
+            Ok(true)
+        })?;
         let prefix = requeued_key(webhook_id, mode, "");
         out.requeued = self.inner.lanes.scan_prefix(&prefix).count() as u64;
         Ok(out)
