@@ -109,6 +109,10 @@ fn main() -> ExitCode {
                 ok
             }
             Scenario::Smoke => {
+                println!(
+                    "smoke run: small N, to check that every scenario completes and \
+                     delivers every event; its figures are not benchmark results"
+                );
                 let mut ok = ingest(4_000).await;
                 ok &= fanout(2_000).await;
                 ok &= requests(500).await;
