@@ -371,8 +371,12 @@ impl Lane {
             }
         };
         r.next_attempt_ms = 0;
+        // Only the record is written: the stored lane state keeps pointing
+        // at this (now finished) delivery until the next one replaces it,
+        // which saves a write per payload. A lane that loads a finished head
+        // after a restart just clears it (see `deliver_head`).
         state.head = None;
-        store.save_lane(&self.webhook_id, self.tag(), state, &[&r])?;
+        store.save_delivery(&r)?;
         tracing::debug!(delivery_id = %r.id, events = r.event_ids.len(), state = ?r.state, "delivery finished");
         let _ = inner.outcomes.send(r);
         if let Some(reason) = disable_reason {

@@ -262,8 +262,17 @@ impl Store {
         for id in webhook_ids {
             for mode in [ModeTag::Realtime, ModeTag::Batch] {
                 if let Some(l) = self.lane(id, mode)? {
-                    // A lane with a head or requeued work may still need older events.
-                    let c = if l.head.is_some() || self.next_requeued(id, mode)?.is_some() {
+                    // A lane with an unfinished head or requeued work may
+                    // still need older events. (A stored head may be a
+                    // finished delivery: lanes do not rewrite their state
+                    // when a delivery ends.)
+                    let unfinished_head = match &l.head {
+                        Some(h) => self.delivery(id, h)?.is_some_and(|r| {
+                            !matches!(r.state, DeliveryState::Delivered | DeliveryState::Dead)
+                        }),
+                        None => false,
+                    };
+                    let c = if unfinished_head || self.next_requeued(id, mode)?.is_some() {
                         0
                     } else {
                         l.cursor

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::deliveries::requeued_key;
 use super::Store;
-use crate::domain::delivery::ModeTag;
+use crate::domain::delivery::{DeliveryState, ModeTag};
 use crate::error::Result;
 
 /// What one lane still has to send.
@@ -38,7 +38,12 @@ impl Store {
             return Ok(out);
         };
         if let Some(head) = &state.head {
-            if let Some(record) = self.delivery(webhook_id, head)? {
+            // A stored head may be a finished delivery (lanes do not rewrite
+            // their state when a delivery ends): only an unfinished one counts.
+            if let Some(record) = self
+                .delivery(webhook_id, head)?
+                .filter(|r| !matches!(r.state, DeliveryState::Delivered | DeliveryState::Dead))
+            {
                 out.events += record.seqs.len() as u64;
                 if let Some(first) = record.seqs.first() {
                     out.oldest_ingest_ms = self.event_ingest_ms(account_id, *first)?;
