@@ -98,28 +98,11 @@ fn span<'a>(line: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no span {name} in {line}"))
 }
 
+/// The shared test config (see `common::process`) with `extra` appended.
 fn write_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("config.toml");
-    let text = format!(
-        r#"listen = "127.0.0.1:0"
-data_dir = "{data}"
-shutdown_grace_ms = 2000
-
-[delivery]
-allow_private_targets = true
-retry_initial_ms = 200
-retry_max_interval_ms = 500
-
-[[tokens]]
-token = "{ADMIN}"
-role = "admin"
-
-[[tokens]]
-token = "{INGEST}"
-role = "ingest"
-{extra}"#,
-        data = dir.join("data").display()
-    );
+    let path = common::process::write_router_config(dir, 2_000, "");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(extra);
     std::fs::write(&path, text).unwrap();
     path
 }
