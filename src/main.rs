@@ -83,6 +83,10 @@ async fn serve(config: Config) -> ExitCode {
     });
     // In-process restarts after a storage failure; back off if they repeat.
     let mut quick_restarts = 0u32;
+    // True once this image stopped to reopen a failed store.
+    let mut reopening = false;
+    // When this process image started (a re-execution counts as new).
+    let image_started = std::time::Instant::now();
     loop {
         let started = std::time::Instant::now();
         let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -100,6 +104,7 @@ async fn serve(config: Config) -> ExitCode {
             // Stopped without a signal: the store had failed and the disk
             // takes writes again; start over on a freshly opened store.
             Ok(()) if !*signalled.borrow() => {
+                reopening = true;
                 if started.elapsed() < std::time::Duration::from_secs(60) {
                     quick_restarts = (quick_restarts + 1).min(8);
                 } else {
@@ -114,16 +119,22 @@ async fn serve(config: Config) -> ExitCode {
                 }
             }
             Ok(()) => return ExitCode::SUCCESS,
-            Err(e) if quick_restarts > 0 => {
+            Err(e) if reopening => {
                 // The old database is still held in this process: a
                 // connection outlived the grace period, or sled left a flush
                 // waiting forever after the I/O error. A fresh process image
                 // can open it: re-execute this binary (same pid, arguments and
                 // environment; exec closes the database's files).
-                let reexecs: u32 = std::env::var(REEXEC_ENV)
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                // Count re-executions in a row: one after an image that ran
+                // for a while starts the count again.
+                let reexecs: u32 = if image_started.elapsed() < std::time::Duration::from_secs(60) {
+                    std::env::var(REEXEC_ENV)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
                 if reexecs < MAX_REEXECS {
                     tracing::warn!(
                         error = %e,

@@ -1,7 +1,8 @@
 //! One lane: the ordered delivery of one webhook's real-time or batch events.
 //! Its state is a cursor into the account's log plus the delivery at its
 //! head; only the head can be failing, so one bad payload holds back only
-//! its own lane.
+//! its own lane. The stored head may name a delivery that has finished (the
+//! state is not rewritten when one ends); a lane loading it clears it.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -253,7 +254,7 @@ impl Lane {
             store.save_lane(&self.webhook_id, self.tag(), state, &[])?;
             return Ok(Flow::Continue);
         };
-        if matches!(record.state, DeliveryState::Delivered | DeliveryState::Dead) {
+        if record.state.is_final() {
             state.head = None;
             store.save_lane(&self.webhook_id, self.tag(), state, &[])?;
             return Ok(Flow::Continue);

@@ -357,7 +357,8 @@ fn purge_once(d: &Dispatcher, before_ms: i64) -> Result<()> {
         // Without webhooks nothing can need the events; otherwise keep what a
         // lane has not passed yet.
         let max_seq = store.min_cursor(&ids)?.unwrap_or(u64::MAX);
-        while store.trim_events(account, before_ms, max_seq, 10_000)? == 10_000 {}
+        // Whole chunks go, so a full round removes at least the limit.
+        while store.trim_events(account, before_ms, max_seq, 10_000)? >= 10_000 {}
     }
     Ok(())
 }

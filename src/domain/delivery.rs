@@ -17,6 +17,13 @@ pub enum DeliveryState {
     Dead,
 }
 
+impl DeliveryState {
+    /// Delivered or dead: no attempt will follow.
+    pub fn is_final(self) -> bool {
+        matches!(self, DeliveryState::Delivered | DeliveryState::Dead)
+    }
+}
+
 /// One HTTP attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {

@@ -114,13 +114,14 @@ impl GroupCommit {
                     continue;
                 }
                 let result = db.flush_async().await;
+                // The reason first: a waiter woken by the failed ticket reads it.
+                if let Err(e) = &result {
+                    shared.fail(e);
+                }
                 shared.done.send_modify(|d| match &result {
                     Ok(_) => d.0 = d.0.max(target),
                     Err(_) => d.1 = d.1.max(target),
                 });
-                if let Err(e) = result {
-                    shared.fail(&e);
-                }
             }
         });
         GroupCommit { shared }

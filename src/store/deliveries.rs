@@ -21,7 +21,9 @@ const REQUEUED: u8 = b'Q';
 pub struct LaneState {
     /// Last log sequence number taken into a delivery or skipped.
     pub cursor: u64,
-    /// The unfinished delivery being attempted, if any.
+    /// The delivery at the head: being attempted, or (as stored) possibly
+    /// already finished, since the state is not rewritten when one ends.
+    /// See [`Store::unfinished_head`].
     pub head: Option<String>,
 }
 
@@ -240,9 +242,7 @@ impl Store {
         for item in self.inner.lanes.range(vec![DELIVERY]..vec![DELIVERY + 1]) {
             let (k, v) = item?;
             let r: DeliveryRecord = serde_json::from_slice(&v)?;
-            if r.create_time_ms < before_ms
-                && matches!(r.state, DeliveryState::Delivered | DeliveryState::Dead)
-            {
+            if r.create_time_ms < before_ms && r.state.is_final() {
                 batch.remove(k);
                 n += 1;
                 if n >= limit {
@@ -256,6 +256,20 @@ impl Store {
         Ok(n)
     }
 
+    /// The lane's head delivery if it is not finished yet.
+    pub fn unfinished_head(
+        &self,
+        webhook_id: &str,
+        lane: &LaneState,
+    ) -> Result<Option<DeliveryRecord>> {
+        match &lane.head {
+            Some(h) => Ok(self
+                .delivery(webhook_id, h)?
+                .filter(|r| !r.state.is_final())),
+            None => Ok(None),
+        }
+    }
+
     /// Lowest cursor among the lanes of the given webhooks (None: no lanes).
     pub fn min_cursor(&self, webhook_ids: &[String]) -> Result<Option<u64>> {
         let mut min: Option<u64> = None;
@@ -266,12 +280,7 @@ impl Store {
                     // still need older events. (A stored head may be a
                     // finished delivery: lanes do not rewrite their state
                     // when a delivery ends.)
-                    let unfinished_head = match &l.head {
-                        Some(h) => self.delivery(id, h)?.is_some_and(|r| {
-                            !matches!(r.state, DeliveryState::Delivered | DeliveryState::Dead)
-                        }),
-                        None => false,
-                    };
+                    let unfinished_head = self.unfinished_head(id, &l)?.is_some();
                     let c = if unfinished_head || self.next_requeued(id, mode)?.is_some() {
                         0
                     } else {

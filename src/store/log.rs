@@ -196,12 +196,23 @@ pub(super) fn for_each_in_chunk(
     Ok(())
 }
 
+/// Records how far [`migrate_v1`] got, in the same batches as the records it
+/// converts, so a crash during the conversion resumes instead of reading
+/// converted chunks as version-1 records.
+const MIGRATE_PROGRESS: &[u8] = b"migrate_v1_done_through";
+
 /// Converts a log written by schema version 1 (one key per event:
 /// ingest_ms ‖ name_len ‖ name ‖ id_len ‖ id ‖ json) to chunks of one event.
+/// Resumable; call [`migration_finished`] once the new version is stored.
 pub(super) fn migrate_v1(log: &sled::Tree) -> Result<u64> {
+    let start = match log.get(MIGRATE_PROGRESS)? {
+        // The smallest key after the last one converted.
+        Some(last) => [last.as_ref(), &[0]].concat(),
+        None => vec![EVENT],
+    };
     let mut n = 0;
     let mut batch = sled::Batch::default();
-    for item in log.range(vec![EVENT]..vec![EVENT + 1]) {
+    for item in log.range(start..vec![EVENT + 1]) {
         let (k, v) = item?;
         let ingest = i64::from_be_bytes(
             v.get(..8)
@@ -225,7 +236,8 @@ pub(super) fn migrate_v1(log: &sled::Tree) -> Result<u64> {
             timestamp_ms: 0,
             json: utf8(json)?,
         };
-        batch.insert(k, encode_chunk(ingest, std::iter::once(&e)));
+        batch.insert(k.clone(), encode_chunk(ingest, std::iter::once(&e)));
+        batch.insert(MIGRATE_PROGRESS, k);
         n += 1;
         if n % 1000 == 0 {
             log.apply_batch(std::mem::take(&mut batch))?;
@@ -233,6 +245,12 @@ pub(super) fn migrate_v1(log: &sled::Tree) -> Result<u64> {
     }
     log.apply_batch(batch)?;
     Ok(n)
+}
+
+/// Drops the conversion's progress marker (after the new version is stored).
+pub(super) fn migration_finished(log: &sled::Tree) -> Result<()> {
+    log.remove(MIGRATE_PROGRESS)?;
+    Ok(())
 }
 
 impl Store {
@@ -519,7 +537,27 @@ mod tests {
             v.extend_from_slice(b"{}");
             log.insert(event_key(9, seq), v).unwrap();
         }
-        assert_eq!(migrate_v1(&log).unwrap(), 2);
+        // A crash after the first record: the marker says where to resume.
+        let first = log.get(event_key(9, 1)).unwrap().unwrap();
+        let converted = encode_chunk(
+            7,
+            std::iter::once(&NewEvent {
+                event_id: "x1".into(),
+                event_name: "NAME".into(),
+                timestamp_ms: 0,
+                json: "{}".into(),
+            }),
+        );
+        assert_ne!(first.as_ref(), converted.as_slice());
+        log.insert(event_key(9, 1), converted.clone()).unwrap();
+        log.insert(MIGRATE_PROGRESS, &event_key(9, 1)).unwrap();
+        assert_eq!(migrate_v1(&log).unwrap(), 1, "only the rest is converted");
+        assert_eq!(
+            log.get(event_key(9, 1)).unwrap().unwrap().as_ref(),
+            converted.as_slice()
+        );
+        migration_finished(&log).unwrap();
+        assert!(log.get(MIGRATE_PROGRESS).unwrap().is_none());
         let v = log.get(event_key(9, 2)).unwrap().unwrap();
         assert_eq!(chunk_header(&v).unwrap(), (7, 1));
         for_each_in_chunk(&v, 0, |_, e| {

@@ -176,8 +176,9 @@ fn check_schema(db: &sled::Db, meta: &sled::Tree) -> Result<()> {
                     "data folder has schema version {found}, newer than this build's {SCHEMA_VERSION}"
                 )));
             }
+            let log = db.open_tree("log")?;
             if found < 2 {
-                let n = log::migrate_v1(&db.open_tree("log")?)?;
+                let n = log::migrate_v1(&log)?;
                 tracing::info!(
                     events = n,
                     "event log converted to schema version 2 (chunks)"
@@ -186,6 +187,7 @@ fn check_schema(db: &sled::Db, meta: &sled::Tree) -> Result<()> {
             if found < SCHEMA_VERSION {
                 meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
                 db.flush()?;
+                log::migration_finished(&log)?;
             }
             Ok(())
         }

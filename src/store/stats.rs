@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::deliveries::requeued_key;
 use super::Store;
-use crate::domain::delivery::{DeliveryState, ModeTag};
+use crate::domain::delivery::ModeTag;
 use crate::error::Result;
 
 /// What one lane still has to send.
@@ -23,7 +23,7 @@ pub struct LaneBacklog {
 }
 
 impl Store {
-    /// Counts a lane's backlog, examining at most `scan_limit` log records
+    /// Counts a lane's backlog, examining at most `scan_limit` events
     /// after its cursor. Reads only; copies no event bodies.
     pub fn lane_backlog(
         &self,
@@ -37,17 +37,10 @@ impl Store {
         let Some(state) = self.lane(webhook_id, mode)? else {
             return Ok(out);
         };
-        if let Some(head) = &state.head {
-            // A stored head may be a finished delivery (lanes do not rewrite
-            // their state when a delivery ends): only an unfinished one counts.
-            if let Some(record) = self
-                .delivery(webhook_id, head)?
-                .filter(|r| !matches!(r.state, DeliveryState::Delivered | DeliveryState::Dead))
-            {
-                out.events += record.seqs.len() as u64;
-                if let Some(first) = record.seqs.first() {
-                    out.oldest_ingest_ms = self.event_ingest_ms(account_id, *first)?;
-                }
+        if let Some(record) = self.unfinished_head(webhook_id, &state)? {
+            out.events += record.seqs.len() as u64;
+            if let Some(first) = record.seqs.first() {
+                out.oldest_ingest_ms = self.event_ingest_ms(account_id, *first)?;
             }
         }
         let mut examined = 0;
