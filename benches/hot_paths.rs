@@ -5,43 +5,14 @@
 //! - delivery: `render_payload` (every payload) and `signature_header`
 //!   (every attempt), for 1 and 100 events of ~370 bytes.
 
-use std::collections::BTreeMap;
+#[path = "../examples/bench/sample.rs"]
+mod sample;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use prost_types::{value::Kind, Struct, Value};
+use sample::data;
 use webhook_router::api::convert::struct_to_json;
 use webhook_router::delivery::signing::signature_header;
 use webhook_router::domain::event::{render_event_json, render_payload};
-
-/// The benchmark's event data: ~300 bytes of JSON.
-fn data(i: u64) -> Struct {
-    let mut fields = BTreeMap::new();
-    let mut put = |k: &str, kind| {
-        fields.insert(k.to_string(), Value { kind: Some(kind) });
-    };
-    put("userId", Kind::NumberValue((4_000_000 + i) as f64));
-    put(
-        "loId",
-        Kind::StringValue(format!("course:{}", 7_000_000 + i)),
-    );
-    put("enrollmentId", Kind::NumberValue(i as f64));
-    put("status", Kind::StringValue("enrolled".into()));
-    put(
-        "source",
-        Kind::StringValue("catalog-self-enrollment".into()),
-    );
-    put(
-        "note",
-        Kind::StringValue(
-            "Learner enrolled through the course catalog; manager approval not required; \
-             due date set from the enrollment rule of the course's training plan."
-                .into(),
-        ),
-    );
-    Struct {
-        fields: fields.into_iter().collect(),
-    }
-}
 
 fn event_json(i: u64) -> String {
     let d = struct_to_json(Some(&data(i)), "data").expect("valid");

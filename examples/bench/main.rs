@@ -13,6 +13,7 @@
 //! ```
 
 mod router;
+mod sample;
 mod sink;
 
 use std::path::Path;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use prost_types::{value::Kind, Struct, Value};
+use prost_types::{value::Kind, Value};
 use router::{base_config, Router};
 use sink::Sink;
 use webhook_router::proto::v1 as pb;
@@ -431,43 +432,21 @@ async fn backlog(n: u64) -> bool {
 
 /// Event number `i`: id `e<i>`, ~300 bytes of JSON data.
 fn event(i: u64, sent_ns: Option<u64>) -> pb::Event {
-    let mut fields = std::collections::BTreeMap::new();
-    let mut put = |k: &str, kind| {
-        fields.insert(k.to_string(), Value { kind: Some(kind) });
-    };
-    put(
-        "userId",
-        Kind::NumberValue((4_000_000 + i % 100_000) as f64),
-    );
-    put(
-        "loId",
-        Kind::StringValue(format!("course:{}", 7_000_000 + i % 5_000)),
-    );
-    put("enrollmentId", Kind::NumberValue(i as f64));
-    put("status", Kind::StringValue("enrolled".into()));
-    put(
-        "source",
-        Kind::StringValue("catalog-self-enrollment".into()),
-    );
-    put(
-        "note",
-        Kind::StringValue(
-            "Learner enrolled through the course catalog; manager approval not required; \
-             due date set from the enrollment rule of the course's training plan."
-                .into(),
-        ),
-    );
+    let mut data = sample::data(i);
     if let Some(t) = sent_ns {
-        put("sentNs", Kind::NumberValue(t as f64));
+        data.fields.insert(
+            "sentNs".into(),
+            Value {
+                kind: Some(Kind::NumberValue(t as f64)),
+            },
+        );
     }
     pb::Event {
         event_id: format!("e{i}"),
         event_name: TYPE.into(),
         timestamp: 1_727_414_643_000,
         event_info: "bench".into(),
-        data: Some(Struct {
-            fields: fields.into_iter().collect(),
-        }),
+        data: Some(data),
     }
 }
 
