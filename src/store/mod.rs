@@ -19,6 +19,7 @@
 mod commit;
 pub mod crypt;
 mod deliveries;
+mod durable;
 mod log;
 mod stats;
 mod webhooks;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 
 pub use commit::GroupCommit;
 pub use deliveries::{DeliveryPage, LaneState};
+pub use durable::DiskSync;
 pub use log::AppendOutcome;
 pub use stats::LaneBacklog;
 

@@ -462,4 +462,5 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 // ------------------------------------------------------------ real binary
 
+pub mod load;
 pub mod process;

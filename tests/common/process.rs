@@ -18,6 +18,16 @@ use super::{bearer, Admin, Ingest, ADMIN, INGEST};
 /// `dir/data`, loopback targets allowed, short retries, the test tokens, and
 /// `extra` appended to the `[delivery]` section.
 pub fn write_router_config(dir: &Path, shutdown_grace_ms: u64, extra_delivery: &str) -> PathBuf {
+    write_router_config_with_data(dir, &dir.join("data"), shutdown_grace_ms, extra_delivery)
+}
+
+/// Like [`write_router_config`], with the data in `data_dir`.
+pub fn write_router_config_with_data(
+    dir: &Path,
+    data_dir: &Path,
+    shutdown_grace_ms: u64,
+    extra_delivery: &str,
+) -> PathBuf {
     let path = dir.join("config.toml");
     let text = format!(
         r#"listen = "127.0.0.1:0"
@@ -41,7 +51,7 @@ role = "admin"
 token = "{INGEST}"
 role = "ingest"
 "#,
-        data = dir.join("data").display()
+        data = data_dir.display()
     );
     std::fs::write(&path, text).unwrap();
     path
