@@ -288,7 +288,12 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     }
     let mut f = opts.open(path)?;
     f.write_all(text.as_bytes())?;
-    f.sync_all()
+    f.sync_all()?;
+    // The new directory entry too, or a power loss can take the file back.
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// The TLS settings of `[tls]`, if configured; unreadable files stop the start.

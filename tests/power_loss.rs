@@ -70,7 +70,7 @@ async fn power_cuts_under_load_lose_no_acknowledged_event() {
     }
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut publishers: Vec<Publisher> = (0..PUBLISHERS)
-        .map(|id| Publisher::new(id, seed, 20))
+        .map(|id| Publisher::new(id, seed, 20).with_large_events(200))
         .collect();
 
     let mut router = RouterProcess::start(&config);
@@ -138,7 +138,11 @@ async fn power_cuts_under_load_lose_no_acknowledged_event() {
             "{name} {types:?}: {arrivals} arrivals in {requests} requests, {duplicates} duplicates"
         );
     }
+    let blobs = std::fs::read_dir(disk.path().join("data/db/blobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     let stats = disk.stats();
+    println!("{blobs} sled blob files in the data folder (large values and nodes live there)");
     println!(
         "{cuts} power cuts: {sent} events sent, {acked} acknowledged, all delivered; \
          {failed_calls} publish calls failed, {duplicates_total} duplicate deliveries; the \

@@ -28,6 +28,10 @@ pub(super) struct AppendState {
 }
 
 impl AppendState {
+    pub(super) fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
     pub(super) fn load(log: &sled::Tree) -> Result<AppendState> {
         let last_seq = match log.get(HIGH_WATER)? {
             Some(v) => be_u64(&v)?,
@@ -309,7 +313,20 @@ impl Store {
             (outcomes, seq, self.inner.commit.ticket())
         };
         self.inner.commit.durable(ticket).await?;
+        // Tickets and sequence numbers are handed out in the same order under
+        // the append lock, so everything up to `last_seq` is durable now.
+        self.inner
+            .durable_seq
+            .fetch_max(last_seq, std::sync::atomic::Ordering::AcqRel);
         Ok((outcomes, last_seq))
+    }
+
+    /// Highest sequence number known durable. A lane delivers nothing past
+    /// it, so no listener receives an event a power loss could still take back.
+    pub fn durable_seq(&self) -> u64 {
+        self.inner
+            .durable_seq
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Highest sequence number in the log.
@@ -369,9 +386,10 @@ impl Store {
         }
     }
 
-    /// Reads up to `limit` events of `account_id` after `after_seq` whose name
-    /// is in `types`, examining at most `scan_limit` events. Returns them and
-    /// the last sequence number examined (a cursor may move past it).
+    /// Reads up to `limit` durable events of `account_id` after `after_seq`
+    /// whose name is in `types`, examining at most `scan_limit` events.
+    /// Returns them and the last sequence number examined (a cursor may move
+    /// past it).
     pub fn read_events(
         &self,
         account_id: u64,
@@ -380,11 +398,12 @@ impl Store {
         limit: usize,
         scan_limit: usize,
     ) -> Result<(Vec<StoredEvent>, u64)> {
+        let durable = self.durable_seq();
         let mut out = Vec::new();
         let mut scanned_to = after_seq;
         let mut examined = 0;
         self.visit_events(account_id, after_seq, |seq, e| {
-            if examined >= scan_limit || out.len() >= limit {
+            if examined >= scan_limit || out.len() >= limit || seq > durable {
                 return Ok(false);
             }
             examined += 1;

@@ -25,6 +25,7 @@ mod stats;
 mod webhooks;
 
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 pub use commit::GroupCommit;
@@ -58,6 +59,10 @@ struct Inner {
     /// Serialises appends: idempotency checks and sequence numbers.
     append_lock: std::sync::Mutex<log::AppendState>,
     commit: GroupCommit,
+    /// Highest log sequence number known durable: every event up to it was
+    /// acknowledged or is on disk. Lanes read no further (see
+    /// [`Store::durable_seq`]).
+    durable_seq: AtomicU64,
     /// Seals signing secrets and Basic passwords at rest, when a key is set.
     cipher: Option<crypt::SecretCipher>,
 }
@@ -79,7 +84,8 @@ impl Store {
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(64 * 1024 * 1024)
-            .flush_every_ms(Some(500))
+            // The group commit flushes and fsyncs instead (see commit.rs).
+            .flush_every_ms(None)
             .open()
             .map_err(|e| match Error::from(e) {
                 Error::Unavailable(m) => Error::Unavailable(format!(
@@ -96,8 +102,18 @@ impl Store {
         let secrets = db.open_tree("secrets")?;
         let cipher = secret_key.map(crypt::SecretCipher::new);
         webhooks::check_secret_key(&db, &meta, &webhooks, &secrets, cipher.as_ref())?;
+        // Everything recovered or converted above becomes durable here,
+        // before anything is served from it.
+        let disk = DiskSync::open(&dir.join("db")).map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot fsync the database in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let durable_seq = AtomicU64::new(append_state.last_seq());
         let inner = Inner {
-            commit: GroupCommit::start(db.clone()),
+            commit: GroupCommit::start(db.clone(), disk),
+            durable_seq,
             webhooks,
             secrets,
             cipher,

@@ -43,6 +43,9 @@ pub struct Publisher {
     rng: rand::rngs::StdRng,
     /// Most events per PublishEvents call.
     max_batch: usize,
+    /// One event in this many carries ~140 KiB of data (0: none does), so
+    /// sled stores it in a blob file of its own (over 128 KiB).
+    large_every: u64,
 }
 
 fn num(n: f64) -> Value {
@@ -82,7 +85,14 @@ impl Publisher {
             unknown: None,
             rng: rand::rngs::StdRng::seed_from_u64(seed ^ (id as u64 + 1)),
             max_batch,
+            large_every: 0,
         }
+    }
+
+    /// Makes one event in `n` about 140 KiB large.
+    pub fn with_large_events(mut self, n: u64) -> Publisher {
+        self.large_every = n;
+        self
     }
 
     /// A new event with random content, recorded in the ledger before it is sent.
@@ -96,7 +106,11 @@ impl Publisher {
             REALTIME
         };
         let user: u64 = self.rng.gen_range(1..10_000_000);
-        let blob_len = self.rng.gen_range(0..400);
+        let blob_len = if self.large_every > 0 && self.rng.gen_range(0..self.large_every) == 0 {
+            140 * 1024
+        } else {
+            self.rng.gen_range(0..400)
+        };
         let blob: String = (0..blob_len)
             .map(|_| self.rng.gen_range(b'a'..=b'z') as char)
             .collect();
