@@ -61,9 +61,23 @@ pub struct Limits {
     /// Largest gRPC request message, in bytes; larger ones are refused with
     /// INVALID_ARGUMENT before they are decoded.
     pub max_request_bytes: u32,
-    /// Requests the server works on at once (streams count until their
-    /// response starts); more are shed with UNAVAILABLE.
+    /// Requests the server works on at once (a stream counts for as long as
+    /// it is open); more are shed with UNAVAILABLE.
     pub max_concurrent_requests: u32,
+    /// Streams (StreamEvents, WatchDeliveries) one token may have open at
+    /// once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_streams_per_token: u32,
+    /// HTTP/2 streams one connection may have open at once (the
+    /// SETTINGS_MAX_CONCURRENT_STREAMS the server announces).
+    pub max_streams_per_connection: u32,
+    /// How often the server pings an HTTP/2 connection to check that its
+    /// peer is still there; 0 turns the pings off.
+    pub http2_keepalive_interval_ms: u64,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout_ms: u64,
+    /// A connection with no request open for this long is closed; 0 keeps
+    /// idle connections open.
+    pub connection_idle_timeout_ms: u64,
     /// Calls (and StreamEvents messages) one token may make per second,
     /// refilled continuously; 0 turns the per-token rate limit off.
     pub requests_per_second_per_token: u32,
@@ -134,8 +148,13 @@ pub struct Delivery {
     pub retry_max_interval_ms: u64,
     /// A payload failing for longer than this is dead-lettered and its webhook disabled.
     pub retry_max_age_ms: u64,
-    /// How long delivered records and events stay for the delivery log.
+    /// How long events stay in the log after they were stored, and how long
+    /// a delivered record stays in the delivery log after it was delivered.
+    /// Events a webhook has not received by then leave its lane as EXPIRED.
     pub retention_ms: u64,
+    /// How long a dead (or expired) delivery stays in the delivery log after
+    /// it died, with the events RedeliverEvents needs to send it again.
+    pub dead_letter_retention_ms: u64,
     /// Most response-body bytes read from a listener.
     pub max_response_body_bytes: u32,
 }
@@ -220,6 +239,11 @@ impl Default for Limits {
             max_event_bytes: 262_144,
             max_request_bytes: 16 * 1024 * 1024,
             max_concurrent_requests: 512,
+            max_streams_per_token: 100,
+            max_streams_per_connection: 200,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 20_000,
+            connection_idle_timeout_ms: 600_000,
             requests_per_second_per_token: 0,
             request_burst_per_token: 0,
         }
@@ -240,6 +264,7 @@ impl Default for Delivery {
             retry_max_interval_ms: 300_000,
             retry_max_age_ms: 7 * DAY_MS,
             retention_ms: 7 * DAY_MS,
+            dead_letter_retention_ms: 30 * DAY_MS,
             max_response_body_bytes: 64 * 1024,
         }
     }
@@ -326,6 +351,18 @@ impl Config {
         if l.max_concurrent_requests == 0 {
             return bad("limits.max_concurrent_requests", "must be at least 1");
         }
+        if l.max_streams_per_token == 0 {
+            return bad("limits.max_streams_per_token", "must be at least 1");
+        }
+        if l.max_streams_per_connection == 0 {
+            return bad("limits.max_streams_per_connection", "must be at least 1");
+        }
+        if l.http2_keepalive_interval_ms > 0 && l.http2_keepalive_timeout_ms == 0 {
+            return bad(
+                "limits.http2_keepalive_timeout_ms",
+                "must be greater than 0 while limits.http2_keepalive_interval_ms is set",
+            );
+        }
         if self.tls.cert_path.as_os_str().is_empty() != self.tls.key_path.as_os_str().is_empty() {
             return bad("tls", "set both cert_path and key_path, or neither");
         }
@@ -347,6 +384,10 @@ impl Config {
             ("delivery.retry_max_interval_ms", d.retry_max_interval_ms),
             ("delivery.retry_max_age_ms", d.retry_max_age_ms),
             ("delivery.retention_ms", d.retention_ms),
+            (
+                "delivery.dead_letter_retention_ms",
+                d.dead_letter_retention_ms,
+            ),
         ] {
             if value == 0 {
                 return bad(key, "must be greater than 0");

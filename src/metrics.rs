@@ -4,10 +4,11 @@
 //!
 //! Hot paths only touch atomics: ingest adds once per event type of a
 //! request, and each lane holds a [`LaneMetrics`] with its label sets
-//! resolved once, so an attempt never builds labels. Lane backlog, the age
-//! of the oldest pending event and the store size are read from the store
-//! at scrape time by [`StoreCollector`], so nothing on the delivery path
-//! keeps them up to date.
+//! resolved once, so an attempt never builds labels. The lane gauges come
+//! from each lane's tally, which the store keeps up to date as events
+//! arrive and leave the lane ([`crate::store::LaneTally`]); a scrape reads
+//! those, plus at most one timestamp per lane, so it costs the same however
+//! many events are queued. Scrapes run one at a time, off the async workers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,14 +30,13 @@ use tokio::net::TcpListener;
 use tower::BoxError;
 
 use crate::delivery::stack::Verdict;
-use crate::domain::catalog::{Catalog, Mode};
-use crate::domain::delivery::ModeTag;
+use crate::domain::catalog::Mode;
 use crate::domain::now_ms;
 use crate::store::Store;
 
-/// Most log records one scrape examines per lane to count its backlog; a
-/// lane further behind reports this many and sets `…_backlog_capped`.
-pub const BACKLOG_SCAN_LIMIT: usize = 100_000;
+/// Most log records a scrape reads past a lane's cursor to find the age of
+/// its oldest pending event (further on, the first record's age is used).
+const OLDEST_SCAN_LIMIT: usize = 1_000;
 
 /// Content type of the OpenMetrics text exposition.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -92,6 +92,10 @@ pub struct Metrics {
     webhooks_disabled: Family<ReasonLabels, Counter>,
     /// Deliveries requeued by RedeliverEvents, counted as each chunk is stored.
     redelivery_requeued: Counter,
+    /// Events that left a lane unsent after `delivery.retention_ms`, by webhook.
+    events_expired: Family<WebhookLabels, Counter>,
+    /// One scrape at a time.
+    scrape: tokio::sync::Mutex<()>,
 }
 
 fn attempt_histogram() -> Histogram {
@@ -101,8 +105,8 @@ fn attempt_histogram() -> Histogram {
 
 impl Metrics {
     /// A registry with every family registered. With `store`, the lane and
-    /// store gauges are computed from it at each scrape.
-    pub fn new(store: Option<(Store, Arc<Catalog>)>) -> Metrics {
+    /// store gauges are read from it at each scrape.
+    pub fn new(store: Option<Store>) -> Metrics {
         let mut registry = Registry::with_prefix("webhook_router");
         let events_published = Family::<EventLabels, Counter>::default();
         registry.register(
@@ -141,8 +145,15 @@ impl Metrics {
             "Deliveries requeued by RedeliverEvents (grows chunk by chunk during a large call)",
             redelivery_requeued.clone(),
         );
-        if let Some((store, catalog)) = store {
-            registry.register_collector(Box::new(StoreCollector { store, catalog }));
+        let events_expired = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "events_expired",
+            "Events that left a lane unsent because they were older than delivery.retention_ms \
+             (recorded as EXPIRED deliveries), by webhook",
+            events_expired.clone(),
+        );
+        if let Some(store) = store {
+            registry.register_collector(Box::new(StoreCollector { store }));
         }
         Metrics {
             registry,
@@ -152,7 +163,27 @@ impl Metrics {
             retries,
             webhooks_disabled,
             redelivery_requeued,
+            events_expired,
+            scrape: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Counts events that expired from one of `webhook_id`'s lanes.
+    pub fn events_expired(&self, webhook_id: &str, n: u64) {
+        self.events_expired
+            .get_or_create(&WebhookLabels {
+                webhook_id: webhook_id.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// The registry encoded on a blocking thread, one scrape at a time.
+    pub async fn scrape(self: &Arc<Self>) -> String {
+        let _one = self.scrape.lock().await;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.encode())
+            .await
+            .unwrap_or_default()
     }
 
     /// The whole registry in the OpenMetrics text format.
@@ -229,6 +260,9 @@ impl Metrics {
         self.retries.remove(&WebhookLabels {
             webhook_id: webhook_id.to_string(),
         });
+        self.events_expired.remove(&WebhookLabels {
+            webhook_id: webhook_id.to_string(),
+        });
     }
 }
 
@@ -277,15 +311,14 @@ impl LaneMetrics {
                 self.dead.inc();
                 self.disabled_exhausted.inc();
             }
-            Ok(Verdict::Stopped) | Err(_) => {}
+            Ok(Verdict::Stopped) | Ok(Verdict::Paused) | Err(_) => {}
         }
     }
 }
 
-/// Computes the lane gauges and the store size from the store at scrape time.
+/// Reads the lane gauges and the store size from the store at scrape time.
 struct StoreCollector {
     store: Store,
-    catalog: Arc<Catalog>,
 }
 
 impl std::fmt::Debug for StoreCollector {
@@ -307,43 +340,40 @@ impl StoreCollector {
     fn lanes(&self) -> crate::error::Result<Vec<LaneFigures>> {
         let now = now_ms();
         let mut out = Vec::new();
-        for w in self.store.all_webhooks()? {
-            for mode in [Mode::Realtime, Mode::Batch] {
-                let types: std::collections::HashSet<String> = w
-                    .event_types
-                    .iter()
-                    .filter(|t| self.catalog.mode(t) == Some(mode))
-                    .cloned()
-                    .collect();
-                if types.is_empty() {
-                    continue;
-                }
-                let tag: ModeTag = mode.into();
-                let b = self.store.lane_backlog(
-                    w.account_id,
-                    &w.id,
-                    tag,
-                    &types,
-                    BACKLOG_SCAN_LIMIT,
-                )?;
-                out.push(LaneFigures {
-                    labels: LaneLabels {
-                        account_id: w.account_id,
-                        webhook_id: w.id.clone(),
-                        mode: match mode {
-                            Mode::Realtime => "realtime",
-                            Mode::Batch => "batch",
-                        },
-                    },
-                    backlog: b.events,
-                    capped: b.capped,
-                    oldest_age_s: b
-                        .oldest_ingest_ms
-                        .map(|t| (now - t).max(0) as f64 / 1000.0)
-                        .unwrap_or(0.0),
-                    requeued: b.requeued,
-                });
+        for (key, tally) in self.store.lane_tallies() {
+            // A lane that has not run yet (or a webhook deleted meanwhile).
+            let Some(filter) = tally.filter() else {
+                continue;
+            };
+            let backlog = tally.backlog();
+            let requeued = tally.requeued();
+            if !filter.subscribes() && backlog == 0 && requeued == 0 {
+                continue;
             }
+            let oldest = match tally.head_ingest_ms() {
+                Some(t) => Some(t),
+                None if tally.pending() > 0 => {
+                    self.store
+                        .lane_next_ingest_ms(&key, &filter, OLDEST_SCAN_LIMIT)?
+                }
+                None => None,
+            };
+            out.push(LaneFigures {
+                labels: LaneLabels {
+                    account_id: key.account_id,
+                    webhook_id: key.webhook_id.clone(),
+                    mode: match Mode::from(key.mode) {
+                        Mode::Realtime => "realtime",
+                        Mode::Batch => "batch",
+                    },
+                },
+                backlog,
+                capped: tally.capped(),
+                oldest_age_s: oldest
+                    .map(|t| (now - t).max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0),
+                requeued,
+            });
         }
         Ok(out)
     }
@@ -452,10 +482,7 @@ pub async fn serve(
                     let resp = if req.uri().path() == "/metrics"
                         && matches!(*req.method(), http::Method::GET | http::Method::HEAD)
                     {
-                        // Encoding reads sled; keep it off the async workers.
-                        let text = tokio::task::spawn_blocking(move || metrics.encode())
-                            .await
-                            .unwrap_or_default();
+                        let text = metrics.scrape().await;
                         hyper::Response::builder()
                             .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
                             .body(Full::new(Bytes::from(text)))

@@ -48,8 +48,9 @@ fn state() -> &'static AppState {
             let catalog = Arc::new(Catalog::new(&config.event_types));
             let state = rt.block_on(async {
                 let store = Store::open(dir.path()).unwrap();
-                let dispatcher =
-                    Dispatcher::start(store.clone(), config.clone(), catalog.clone()).unwrap();
+                let dispatcher = Dispatcher::start(store.clone(), config.clone(), catalog.clone())
+                    .await
+                    .unwrap();
                 AppState {
                     config,
                     catalog,

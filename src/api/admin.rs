@@ -1,12 +1,13 @@
 //! WebhookAdmin: webhook CRUD, secrets, tests and the delivery log.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::auth::authorize_account;
+use super::auth::{authorize_account, principal};
 use super::convert::{self, page_size, page_token, parse_page_token};
 use super::AppState;
 use crate::domain::ids::{self, DELIVERY_PREFIX, WEBHOOK_PREFIX};
@@ -38,12 +39,30 @@ impl AdminService {
         }
     }
 
-    fn load(&self, account_id: u64, webhook_id: &str) -> Result<Webhook> {
+    async fn load(&self, account_id: u64, webhook_id: &str) -> Result<Webhook> {
         check_webhook_id(webhook_id, "webhook_id")?;
+        let id = webhook_id.to_string();
         self.state
             .store
-            .get_webhook(account_id, webhook_id)?
+            .blocking(move |s| s.get_webhook(account_id, &id))
+            .await?
             .ok_or_else(|| Error::NotFound(format!("webhook {webhook_id}")))
+    }
+
+    /// A webhook and its secret.
+    async fn load_with_secret(
+        &self,
+        account_id: u64,
+        webhook_id: &str,
+    ) -> Result<(Webhook, Option<SecretRecord>)> {
+        let w = self.load(account_id, webhook_id).await?;
+        let id = w.id.clone();
+        let secret = self
+            .state
+            .store
+            .blocking(move |s| s.get_secret(&id))
+            .await?;
+        Ok((w, secret))
     }
 
     async fn set_active(
@@ -56,14 +75,14 @@ impl AdminService {
         let w = self
             .state
             .store
-            .update_webhook(account_id, webhook_id, |w, _| {
+            .update_webhook(account_id, webhook_id, move |w, _| {
                 w.active = active;
                 w.disabled_reason.clear();
                 w.update_time_ms = now_ms();
                 Ok(None)
             })
             .await?;
-        self.state.dispatcher.refresh(account_id, webhook_id);
+        self.state.dispatcher.refresh(account_id, webhook_id).await;
         Ok(convert::webhook_to_proto(&w))
     }
 }
@@ -171,12 +190,12 @@ impl WebhookAdmin for AdminService {
         self.state
             .store
             .create_webhook(
-                &w,
-                secret.as_ref(),
+                w.clone(),
+                secret,
                 self.state.config.limits.max_webhooks_per_account,
             )
             .await?;
-        self.state.dispatcher.refresh(w.account_id, &w.id);
+        self.state.dispatcher.refresh(w.account_id, &w.id).await;
         tracing::info!(account_id = w.account_id, webhook_id = %w.id, "webhook created");
         Ok(Response::new(pb::CreateWebhookResponse {
             webhook: Some(convert::webhook_to_proto(&w)),
@@ -189,7 +208,7 @@ impl WebhookAdmin for AdminService {
     ) -> Result<Response<pb::GetWebhookResponse>, Status> {
         let r = req.get_ref();
         authorize_account(&req, r.account_id)?;
-        let w = self.load(r.account_id, &r.webhook_id)?;
+        let w = self.load(r.account_id, &r.webhook_id).await?;
         Ok(Response::new(pb::GetWebhookResponse {
             webhook: Some(convert::webhook_to_proto(&w)),
         }))
@@ -210,10 +229,12 @@ impl WebhookAdmin for AdminService {
                 );
             }
         }
-        let (items, more) =
-            self.state
-                .store
-                .list_webhooks(r.account_id, after.as_deref(), limit)?;
+        let account_id = r.account_id;
+        let (items, more) = self
+            .state
+            .store
+            .blocking(move |s| s.list_webhooks(account_id, after.as_deref(), limit))
+            .await?;
         let next_page_token = match (more, items.last()) {
             (true, Some(last)) => page_token("wh", &last.id),
             _ => String::new(),
@@ -240,12 +261,18 @@ impl WebhookAdmin for AdminService {
             .as_ref()
             .map(|m| m.paths.clone())
             .unwrap_or_default();
-        let rules = self.rules();
+        let catalog = self.state.catalog.clone();
+        let allow_private_targets = self.state.config.delivery.allow_private_targets;
+        let change = src.clone();
         let w = self
             .state
             .store
-            .update_webhook(r.account_id, &src.id, |w, secret| {
-                apply_mask(w, src, &paths)?;
+            .update_webhook(r.account_id, &src.id, move |w, secret| {
+                apply_mask(w, &change, &paths)?;
+                let rules = Rules {
+                    catalog: &catalog,
+                    allow_private_targets,
+                };
                 webhook::validate(w, rules, "webhook")?;
                 let now = now_ms();
                 w.update_time_ms = now;
@@ -253,7 +280,7 @@ impl WebhookAdmin for AdminService {
                     .then(|| SecretRecord::generate(now)))
             })
             .await?;
-        self.state.dispatcher.refresh(r.account_id, &w.id);
+        self.state.dispatcher.refresh(r.account_id, &w.id).await;
         Ok(Response::new(pb::UpdateWebhookResponse {
             webhook: Some(convert::webhook_to_proto(&w)),
         }))
@@ -267,17 +294,22 @@ impl WebhookAdmin for AdminService {
         authorize_account(&req, r.account_id)?;
         // Only touch lanes of a webhook of this account: stopping them for
         // another account's id would silence that webhook until a restart.
-        self.load(r.account_id, &r.webhook_id)?;
-        // Stop the lanes first so no attempt races the deletion.
-        self.state.dispatcher.remove(&r.webhook_id).await;
-        self.state
+        self.load(r.account_id, &r.webhook_id).await?;
+        // From here no lane of it starts again (a racing Update, Activate,
+        // Rotate or Redeliver included), and the running ones are stopped
+        // before the store deletes it.
+        let dispatcher = &self.state.dispatcher;
+        dispatcher.begin_delete(&r.webhook_id).await;
+        let deleted = self
+            .state
             .store
             .delete_webhook(r.account_id, &r.webhook_id)
-            .await
-            .inspect_err(|_| {
-                // Not deleted (e.g. not found): let the lanes run again if it exists.
-                self.state.dispatcher.refresh(r.account_id, &r.webhook_id);
-            })?;
+            .await;
+        // Not deleted (e.g. not found, storage unavailable): its lanes run again.
+        dispatcher
+            .end_delete(r.account_id, &r.webhook_id, deleted.is_ok())
+            .await;
+        deleted?;
         tracing::info!(account_id = r.account_id, webhook_id = %r.webhook_id, "webhook deleted");
         Ok(Response::new(pb::DeleteWebhookResponse {}))
     }
@@ -312,7 +344,7 @@ impl WebhookAdmin for AdminService {
     ) -> Result<Response<pb::GetWebhookSecretResponse>, Status> {
         let r = req.get_ref();
         authorize_account(&req, r.account_id)?;
-        let w = self.load(r.account_id, &r.webhook_id)?;
+        let (w, secret) = self.load_with_secret(r.account_id, &r.webhook_id).await?;
         if w.auth != Auth::Signature {
             return Err(Error::FailedPrecondition(format!(
                 "webhook {} does not use signature auth",
@@ -320,11 +352,8 @@ impl WebhookAdmin for AdminService {
             ))
             .into());
         }
-        let secret = self
-            .state
-            .store
-            .get_secret(&w.id)?
-            .ok_or_else(|| Error::Internal(format!("webhook {} has no secret", w.id)))?;
+        let secret =
+            secret.ok_or_else(|| Error::Internal(format!("webhook {} has no secret", w.id)))?;
         Ok(Response::new(pb::GetWebhookSecretResponse {
             secret: Some(convert::secret_to_proto(&w.id, &secret, now_ms())),
         }))
@@ -345,10 +374,12 @@ impl WebhookAdmin for AdminService {
             .into());
         }
         let now = now_ms();
-        let mut rotated = None;
+        let grace_ms = i64::from(r.grace_period_seconds) * 1000;
+        let rotated = Arc::new(std::sync::Mutex::new(None));
+        let out = rotated.clone();
         self.state
             .store
-            .update_webhook(r.account_id, &r.webhook_id, |w, secret| {
+            .update_webhook(r.account_id, &r.webhook_id, move |w, secret| {
                 if w.auth != Auth::Signature {
                     return Err(Error::FailedPrecondition(format!(
                         "webhook {} does not use signature auth",
@@ -356,14 +387,20 @@ impl WebhookAdmin for AdminService {
                     )));
                 }
                 let old = secret.unwrap_or_else(|| SecretRecord::generate(now));
-                let new = old.rotate(now, i64::from(r.grace_period_seconds) * 1000);
-                rotated = Some(new.clone());
+                let new = old.rotate(now, grace_ms);
+                *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
                 Ok(Some(new))
             })
             .await?;
-        self.state.dispatcher.refresh(r.account_id, &r.webhook_id);
-        let secret =
-            rotated.ok_or_else(|| Error::Internal("rotation produced no secret".into()))?;
+        self.state
+            .dispatcher
+            .refresh(r.account_id, &r.webhook_id)
+            .await;
+        let secret = rotated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| Error::Internal("rotation produced no secret".into()))?;
         tracing::info!(account_id = r.account_id, webhook_id = %r.webhook_id, "webhook secret rotated");
         Ok(Response::new(pb::RotateWebhookSecretResponse {
             secret: Some(convert::secret_to_proto(&r.webhook_id, &secret, now)),
@@ -408,11 +445,7 @@ impl WebhookAdmin for AdminService {
         authorize_account(&req, r.account_id)?;
         let now = now_ms();
         let (w, secret) = match &r.target {
-            Some(Target::WebhookId(id)) => {
-                let w = self.load(r.account_id, id)?;
-                let secret = self.state.store.get_secret(&w.id)?;
-                (w, secret)
-            }
+            Some(Target::WebhookId(id)) => self.load_with_secret(r.account_id, id).await?,
             Some(Target::Webhook(src)) => {
                 let mut w = convert::webhook_from_proto(r.account_id, src, now);
                 webhook::validate(&mut w, self.rules(), "webhook")?;
@@ -451,7 +484,7 @@ impl WebhookAdmin for AdminService {
     ) -> Result<Response<pb::ListDeliveriesResponse>, Status> {
         let r = req.get_ref();
         authorize_account(&req, r.account_id)?;
-        self.load(r.account_id, &r.webhook_id)?;
+        self.load(r.account_id, &r.webhook_id).await?;
         let state = convert::state_filter(r.state)?;
         let limit = page_size(r.page_size, 50, 1000)?;
         let after = parse_page_token("msg", &r.page_token)?;
@@ -462,10 +495,12 @@ impl WebhookAdmin for AdminService {
                 );
             }
         }
-        let page =
-            self.state
-                .store
-                .list_deliveries(&r.webhook_id, state, after.as_deref(), limit)?;
+        let webhook_id = r.webhook_id.clone();
+        let page = self
+            .state
+            .store
+            .blocking(move |s| s.list_deliveries(&webhook_id, state, after.as_deref(), limit))
+            .await?;
         Ok(Response::new(pb::ListDeliveriesResponse {
             deliveries: page
                 .deliveries
@@ -485,63 +520,52 @@ impl WebhookAdmin for AdminService {
     ) -> Result<Response<pb::RedeliverEventsResponse>, Status> {
         let r = req.get_ref();
         authorize_account(&req, r.account_id)?;
-        let w = self.load(r.account_id, &r.webhook_id)?;
-        let store = &self.state.store;
-        let originals = if r.delivery_ids.is_empty() {
-            let mut all = Vec::new();
-            let mut after: Option<String> = None;
-            loop {
-                let page = store.list_deliveries(
-                    &w.id,
-                    Some(crate::domain::delivery::DeliveryState::Dead),
-                    after.as_deref(),
-                    1000,
-                )?;
-                all.extend(page.deliveries);
-                match page.next_after {
-                    Some(a) => after = Some(a),
-                    None => break,
-                }
-            }
-            all
+        let w = self.load(r.account_id, &r.webhook_id).await?;
+        let ids = if r.delivery_ids.is_empty() {
+            None
         } else {
-            let mut found = Vec::with_capacity(r.delivery_ids.len());
             for (i, id) in r.delivery_ids.iter().enumerate() {
-                let field = format!("delivery_ids[{i}]");
                 if !ids::is_valid(DELIVERY_PREFIX, id) {
-                    return Err(Error::invalid(field, "is not a delivery id (msg_…)").into());
+                    return Err(Error::invalid(
+                        format!("delivery_ids[{i}]"),
+                        "is not a delivery id (msg_…)",
+                    )
+                    .into());
                 }
-                found.push(
-                    store
-                        .delivery(&w.id, id)?
-                        .ok_or_else(|| Error::NotFound(format!("delivery {id}")))?,
-                );
             }
-            found
+            Some(r.delivery_ids.clone())
         };
-        let total = originals.len();
-        // Requeue in chunks so progress is visible in the log on big redeliveries.
-        for (n, chunk) in originals.chunks(1000).enumerate() {
-            store.requeue(&w.id, chunk, now_ms())?;
-            self.state.metrics.redelivery_requeued(chunk.len() as u64);
-            if total > 1000 {
-                tracing::info!(
-                    account_id = r.account_id,
-                    webhook_id = %w.id,
-                    done = ((n + 1) * 1000).min(total),
-                    total,
-                    "redelivery progress"
-                );
-            }
-        }
-        store.flush().await?;
+        let (account_id, webhook_id) = (r.account_id, w.id.clone());
+        let metrics = self.state.metrics.clone();
+        let total = self
+            .state
+            .store
+            .blocking(move |s| {
+                let mut reported = 0;
+                s.redeliver(&webhook_id, ids.as_deref(), now_ms(), |done, total| {
+                    metrics.redelivery_requeued((done - reported) as u64);
+                    reported = done;
+                    // Large requeues show their progress in the log.
+                    if total > 1000 {
+                        tracing::info!(
+                            account_id,
+                            webhook_id = %webhook_id,
+                            done,
+                            total,
+                            "redelivery progress"
+                        );
+                    }
+                })
+            })
+            .await?;
+        self.state.store.flush().await?;
         tracing::info!(
             account_id = r.account_id,
             webhook_id = %w.id,
             requeued = total,
             "redelivery requeued"
         );
-        self.state.dispatcher.refresh(r.account_id, &w.id);
+        self.state.dispatcher.wake(&w.id);
         Ok(Response::new(pb::RedeliverEventsResponse {
             requeued_count: total as u32,
         }))
@@ -556,30 +580,34 @@ impl WebhookAdmin for AdminService {
         let r = req.get_ref();
         authorize_account(&req, r.account_id)?;
         if !r.webhook_id.is_empty() {
-            self.load(r.account_id, &r.webhook_id)?;
+            self.load(r.account_id, &r.webhook_id).await?;
         }
-        let account_id = r.account_id;
+        let permit = principal(&req)?.open_stream()?;
         let webhook_id = r.webhook_id.clone();
-        let rx = self.state.dispatcher.subscribe_outcomes();
-        let stream =
-            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| match item {
-                Ok(d)
-                    if d.account_id == account_id
-                        && (webhook_id.is_empty() || d.webhook_id == webhook_id) =>
-                {
+        let rx = self.state.dispatcher.subscribe_outcomes(r.account_id);
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| {
+            // The stream owns the token's stream permit until it ends.
+            let _held = &permit;
+            match item {
+                Ok(d) if webhook_id.is_empty() || d.webhook_id == webhook_id => {
                     Some(Ok(pb::WatchDeliveriesResponse {
                         delivery: Some(convert::delivery_to_proto(&d)),
+                        missed_count: 0,
                     }))
                 }
                 Ok(_) => None,
                 Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
                     tracing::warn!(
-                        skipped = n,
-                        "WatchDeliveries consumer too slow; outcomes skipped"
+                        missed = n,
+                        "WatchDeliveries consumer too slow; told it how many outcomes it missed"
                     );
-                    None
+                    Some(Ok(pb::WatchDeliveriesResponse {
+                        delivery: None,
+                        missed_count: n,
+                    }))
                 }
-            });
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

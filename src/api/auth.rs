@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Status};
 
 use crate::config::{Role, TokenConfig};
@@ -21,6 +22,8 @@ pub struct Principal {
     pub accounts: Option<Arc<HashSet<u64>>>,
     /// The token's rate limit, shared by all its calls; None: unlimited.
     pub bucket: Option<Arc<TokenBucket>>,
+    /// The token's open streams (`limits.max_streams_per_token`); None: unlimited.
+    pub streams: Option<Arc<Semaphore>>,
 }
 
 impl Principal {
@@ -31,6 +34,30 @@ impl Principal {
             None => Ok(()),
         }
     }
+
+    /// Counts a stream against the token's limit for as long as the returned
+    /// permit lives, or RESOURCE_EXHAUSTED when the token has that many open.
+    pub fn open_stream(&self) -> Result<Option<OwnedSemaphorePermit>> {
+        match &self.streams {
+            None => Ok(None),
+            Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| {
+                Error::ResourceExhausted(
+                    "this token has the most streams open that it may \
+                     (limits.max_streams_per_token); close one or retry later"
+                        .into(),
+                )
+            }),
+        }
+    }
+}
+
+/// The principal of a request, as the interceptor left it.
+pub fn principal<T>(req: &Request<T>) -> Result<&Principal> {
+    req.extensions()
+        .get::<Principal>()
+        .ok_or(Error::Unauthenticated(
+            "missing authorization: Bearer <token>",
+        ))
 }
 
 /// A token bucket: `rate` requests per second, refilled continuously, at
@@ -109,6 +136,7 @@ impl TokenTable {
                         .as_ref()
                         .map(|ids| Arc::new(ids.iter().copied().collect())),
                     bucket: None,
+                    streams: None,
                 };
                 (hash, principal)
             })
@@ -123,6 +151,14 @@ impl TokenTable {
             for (_, principal) in &mut self.entries {
                 principal.bucket = Some(Arc::new(TokenBucket::new(per_second, burst)));
             }
+        }
+        self
+    }
+
+    /// Lets every token have at most `max` streams open at once.
+    pub fn with_stream_limit(mut self, max: u32) -> TokenTable {
+        for (_, principal) in &mut self.entries {
+            principal.streams = Some(Arc::new(Semaphore::new(max as usize)));
         }
         self
     }
@@ -198,12 +234,7 @@ pub fn authorize_account<T>(req: &Request<T>, account_id: u64) -> Result<()> {
     if account_id == 0 {
         return Err(Error::invalid("account_id", "is required"));
     }
-    let principal = req
-        .extensions()
-        .get::<Principal>()
-        .ok_or(Error::Unauthenticated(
-            "missing authorization: Bearer <token>",
-        ))?;
+    let principal = principal(req)?;
     match &principal.accounts {
         Some(set) if !set.contains(&account_id) => Err(Error::PermissionDenied(format!(
             "token may not act on account {account_id}"

@@ -120,6 +120,8 @@ pub fn delivery_to_proto(d: &DeliveryRecord) -> pb::Delivery {
             .then(|| timestamp(d.next_attempt_ms)),
         create_time: Some(timestamp(d.create_time_ms)),
         account_id: d.account_id,
+        finish_time: (d.state.is_final() && d.finish_time_ms > 0)
+            .then(|| timestamp(d.finish_time_ms)),
     }
 }
 
@@ -138,6 +140,7 @@ fn state_to_proto(s: DeliveryState) -> pb::DeliveryState {
         DeliveryState::Retrying => pb::DeliveryState::Retrying,
         DeliveryState::Delivered => pb::DeliveryState::Delivered,
         DeliveryState::Dead => pb::DeliveryState::Dead,
+        DeliveryState::Expired => pb::DeliveryState::Expired,
     }
 }
 
@@ -149,6 +152,7 @@ pub fn state_filter(raw: i32) -> Result<Option<DeliveryState>> {
         Ok(pb::DeliveryState::Retrying) => Ok(Some(DeliveryState::Retrying)),
         Ok(pb::DeliveryState::Delivered) => Ok(Some(DeliveryState::Delivered)),
         Ok(pb::DeliveryState::Dead) => Ok(Some(DeliveryState::Dead)),
+        Ok(pb::DeliveryState::Expired) => Ok(Some(DeliveryState::Expired)),
         Err(_) => Err(Error::invalid(
             "state",
             format!("unknown delivery state {raw}"),

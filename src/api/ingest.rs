@@ -45,11 +45,12 @@ impl IngestService {
         r: &pb::PublishEventsRequest,
     ) -> Result<pb::PublishEventsResponse> {
         let events = validate_request(&self.state, r)?;
-        let (outcomes, last_seq) = self
+        let appended = self
             .state
             .store
-            .append_events(r.account_id, &events, now_ms())
+            .append_events(r.account_id, events, now_ms())
             .await?;
+        let (outcomes, last_seq, events) = (appended.outcomes, appended.last_seq, appended.events);
         self.state
             .dispatcher
             .events_appended(r.account_id, last_seq);
@@ -111,7 +112,7 @@ pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Resul
                 "is required",
             ));
         }
-        if state.catalog.mode(&e.event_name).is_none() {
+        let Some(mode) = state.catalog.mode(&e.event_name) else {
             return Err(Error::invalid(
                 format!("events[{i}].event_name"),
                 format!(
@@ -119,7 +120,7 @@ pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Resul
                     crate::domain::webhook::truncate(&e.event_name, 80)
                 ),
             ));
-        }
+        };
         if e.event_id.len() > MAX_EVENT_ID_BYTES {
             return Err(Error::invalid(
                 format!("events[{i}].event_id"),
@@ -150,6 +151,7 @@ pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Resul
             event_id,
             event_name: e.event_name.clone(),
             timestamp_ms,
+            mode,
             json,
         });
     }
@@ -174,11 +176,14 @@ impl EventIngest for IngestService {
         &self,
         req: Request<Streaming<pb::StreamEventsRequest>>,
     ) -> Result<Response<Self::StreamEventsStream>, Status> {
+        // Counts against the token's stream limit for the stream's life.
+        let permit = super::auth::principal(&req)?.open_stream()?;
         let principal = req.extensions().clone();
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let service = self.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             loop {
                 let msg = match inbound.message().await {
                     // Same fields and numbers as a PublishEvents request.

@@ -2,7 +2,10 @@
 //! - [`LoadShedLayer`]: at most `limits.max_concurrent_requests` requests in
 //!   progress; more are answered UNAVAILABLE at once instead of queueing, so
 //!   an overload cannot pile up memory or latency (health checks are exempt,
-//!   so an overloaded router is not mistaken for a dead one);
+//!   so an overloaded router is not mistaken for a dead one). A request
+//!   counts until its response body is finished or dropped, so a stream
+//!   (StreamEvents, WatchDeliveries) counts for as long as it is open; the
+//!   same span marks the request open on its connection (see `conn.rs`);
 //! - [`DecodeErrorLayer`]: tonic reports a request it cannot decode (a `data`
 //!   Struct nested past prost's recursion limit, a string that is not UTF-8,
 //!   a message over `limits.max_request_bytes`) as INTERNAL or OUT_OF_RANGE;
@@ -14,10 +17,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
+use super::conn::{ConnInfo, RequestGuard};
 use crate::error::Error;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -58,13 +62,44 @@ pub struct LoadShed<S> {
     max: usize,
 }
 
+/// A response body that keeps what the request holds (its load-shed
+/// permit, its mark on the connection) until the body is finished or dropped.
+pub struct HeldBody<RB> {
+    inner: RB,
+    _permit: Option<OwnedSemaphorePermit>,
+    _open: Option<RequestGuard>,
+}
+
+impl<RB> http_body::Body for HeldBody<RB>
+where
+    RB: http_body::Body + Unpin,
+{
+    type Data = RB::Data;
+    type Error = RB::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl<S, B, RB> Service<http::Request<B>> for LoadShed<S>
 where
     S: Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
     RB: Default + Send + 'static,
 {
-    type Response = http::Response<RB>;
+    type Response = http::Response<HeldBody<RB>>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
 
@@ -73,19 +108,22 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let open = ConnInfo::of(&req).map(ConnInfo::request_started);
+        let hold = move |permit, r: http::Response<RB>| {
+            r.map(|inner| HeldBody {
+                inner,
+                _permit: permit,
+                _open: open,
+            })
+        };
         if req.uri().path().starts_with("/grpc.health.v1.Health/") {
-            return Box::pin(self.inner.call(req));
+            let fut = self.inner.call(req);
+            return Box::pin(async move { fut.await.map(|r| hold(None, r)) });
         }
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                // Held until the response (for streams: its headers) is ready;
-                // a unary call's handler and its request decoding run before that.
                 let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let r = fut.await;
-                    drop(permit);
-                    r
-                })
+                Box::pin(async move { fut.await.map(|r| hold(Some(permit), r)) })
             }
             Err(_) => {
                 tracing::debug!(path = req.uri().path(), "overloaded: request shed");
@@ -94,7 +132,7 @@ where
                      (limits.max_concurrent_requests); retry later",
                     self.max
                 ));
-                Box::pin(async move { Ok(status.into_http()) })
+                Box::pin(async move { Ok(hold(None, status.into_http())) })
             }
         }
     }

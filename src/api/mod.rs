@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod conn;
 pub mod convert;
 pub mod ingest;
 pub mod layers;

@@ -1,6 +1,6 @@
 //! The delivery engine: one task per lane (webhook × real-time/batch), each
 //! a cursor into its account's event log; the tower stack that sends; the
-//! janitor that purges old records.
+//! janitor that purges, expires and trims by retention.
 
 pub mod client;
 pub mod guard;
@@ -9,7 +9,7 @@ pub mod retry;
 pub mod signing;
 pub mod stack;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use crate::domain::ids::{new_id, DELIVERY_PREFIX};
 use crate::domain::now_ms;
 use crate::domain::webhook::{SecretRecord, Webhook};
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{LaneKey, Store};
 use client::{ClientSettings, HttpClient};
 use retry::RetryPolicy;
 use stack::{AttemptStack, DeliveryRequest, Pacer, WebhookSnapshot};
@@ -47,6 +47,10 @@ pub struct TestOutcome {
     pub response_body: String,
 }
 
+/// Outcomes buffered per account for WatchDeliveries; a watcher further
+/// behind is told how many it missed.
+const WATCH_BUFFER: usize = 1024;
+
 /// Handle to the engine; cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -60,32 +64,47 @@ struct Inner {
     /// Auth ▶ timeout ▶ client; lanes wrap it with pacing and retry.
     attempt: AttemptStack,
     policy: RetryPolicy,
-    /// Running lanes by webhook id.
-    lanes: Mutex<HashMap<String, LaneSet>>,
-    /// Highest log sequence per account, watched by that account's lanes.
+    /// Running lanes, and webhooks being or having been deleted. The one
+    /// lock every start of a lane takes: a deleted webhook's lanes can never
+    /// be started again, whatever call races the deletion.
+    lanes: Mutex<Lanes>,
+    /// Serialises refreshes, so a slower one never installs older settings.
+    refresh_lock: tokio::sync::Mutex<()>,
+    /// Durable end of each account's log, watched by that account's lanes.
     accounts: Mutex<HashMap<u64, watch::Sender<u64>>>,
-    /// Every finished attempt, for WatchDeliveries.
-    outcomes: broadcast::Sender<DeliveryRecord>,
+    /// Delivery outcomes per account, for WatchDeliveries.
+    watchers: Mutex<HashMap<u64, broadcast::Sender<Arc<DeliveryRecord>>>>,
     /// True once shutdown began.
     stop: watch::Sender<bool>,
     /// Prometheus metrics; each lane caches its own handles.
     metrics: Arc<crate::metrics::Metrics>,
 }
 
+#[derive(Default)]
+struct Lanes {
+    sets: HashMap<String, LaneSet>,
+    /// Deleted (or being deleted) in this process.
+    deleted: HashSet<String>,
+}
+
 /// The two lanes of one webhook and what they share.
 struct LaneSet {
-    snapshot: watch::Sender<Option<Arc<WebhookSnapshot>>>,
+    settings: watch::Sender<Option<Arc<WebhookSnapshot>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Dispatcher {
     /// Builds the engine and starts a lane pair for every stored webhook.
-    pub fn start(store: Store, config: Arc<Config>, catalog: Arc<Catalog>) -> Result<Dispatcher> {
-        Self::start_with_metrics(store, config, catalog, Arc::default())
+    pub async fn start(
+        store: Store,
+        config: Arc<Config>,
+        catalog: Arc<Catalog>,
+    ) -> Result<Dispatcher> {
+        Self::start_with_metrics(store, config, catalog, Arc::default()).await
     }
 
     /// Like [`Dispatcher::start`], recording into `metrics`.
-    pub fn start_with_metrics(
+    pub async fn start_with_metrics(
         store: Store,
         config: Arc<Config>,
         catalog: Arc<Catalog>,
@@ -104,7 +123,6 @@ impl Dispatcher {
             max_interval: Duration::from_millis(d.retry_max_interval_ms),
             max_age: Duration::from_millis(d.retry_max_age_ms),
         };
-        let (outcomes, _) = broadcast::channel(1024);
         let (stop, _) = watch::channel(false);
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {
@@ -113,15 +131,16 @@ impl Dispatcher {
                 catalog,
                 attempt,
                 policy,
-                lanes: Mutex::new(HashMap::new()),
+                lanes: Mutex::new(Lanes::default()),
+                refresh_lock: tokio::sync::Mutex::new(()),
                 accounts: Mutex::new(HashMap::new()),
-                outcomes,
+                watchers: Mutex::new(HashMap::new()),
                 stop,
                 metrics,
             }),
         };
-        for w in store.all_webhooks()? {
-            dispatcher.refresh(w.account_id, &w.id);
+        for w in store.blocking(|s| s.all_webhooks()).await? {
+            dispatcher.refresh(w.account_id, &w.id).await;
         }
         tokio::spawn(janitor(dispatcher.clone()));
         Ok(dispatcher)
@@ -129,15 +148,27 @@ impl Dispatcher {
 
     /// Reloads a webhook from the store and hands it to its lanes (starting
     /// them if needed). Call after every change to a webhook or its secret.
-    pub fn refresh(&self, account_id: u64, webhook_id: &str) {
+    /// (Boxed: a lane that disables its webhook refreshes it, and the
+    /// compiler cannot prove that cycle `Send` otherwise.)
+    pub fn refresh<'a>(
+        &'a self,
+        account_id: u64,
+        webhook_id: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(self.reload(account_id, webhook_id))
+    }
+
+    async fn reload(&self, account_id: u64, webhook_id: &str) {
+        let _serial = self.inner.refresh_lock.lock().await;
+        let id = webhook_id.to_string();
         let loaded = self
             .inner
             .store
-            .get_webhook(account_id, webhook_id)
-            .and_then(|w| {
-                w.map(|w| Ok((self.inner.store.get_secret(webhook_id)?, w)))
-                    .transpose()
-            });
+            .blocking(move |s| match s.get_webhook(account_id, &id)? {
+                Some(w) => Ok(Some((s.get_secret(&id)?, w))),
+                None => Ok(None),
+            })
+            .await;
         let (secret, webhook) = match loaded {
             Ok(Some(found)) => found,
             Ok(None) => return,
@@ -149,60 +180,66 @@ impl Dispatcher {
         if *self.inner.stop.borrow() {
             return;
         }
-        let snapshot = Arc::new(WebhookSnapshot::new(webhook, secret.as_ref()));
+        let snapshot = Arc::new(WebhookSnapshot::new(
+            webhook,
+            secret.as_ref(),
+            &self.inner.catalog,
+        ));
         let mut lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        match lanes.get(webhook_id) {
-            Some(set) => {
-                set.snapshot.send_replace(Some(snapshot));
-            }
-            None => {
-                let (tx, _) = watch::channel(Some(snapshot));
-                let pacer = Arc::new(Pacer::new(self.inner.config.delivery.rate_limit_per_second));
-                let log = self.account_watch(account_id);
-                let tasks = [Mode::Realtime, Mode::Batch]
-                    .into_iter()
-                    .map(|mode| {
-                        let lane = lane::Lane {
-                            dispatcher: self.clone(),
-                            account_id,
-                            webhook_id: webhook_id.to_string(),
-                            mode,
-                            snapshot: tx.subscribe(),
-                            log: log.clone(),
-                            metrics: self.inner.metrics.lane(webhook_id),
-                            stack: stack::lane_stack(
-                                self.inner.attempt.clone(),
-                                pacer.clone(),
-                                self.inner.policy,
-                                self.inner.stop.subscribe(),
-                            ),
-                        };
-                        tokio::spawn(lane.run())
-                    })
-                    .collect();
-                lanes.insert(
-                    webhook_id.to_string(),
-                    LaneSet {
-                        snapshot: tx,
-                        tasks,
-                    },
-                );
-            }
+        if lanes.deleted.contains(webhook_id) || self.inner.store.is_deleted(webhook_id) {
+            return;
         }
+        if let Some(set) = lanes.sets.get(webhook_id) {
+            set.settings.send_replace(Some(snapshot));
+            return;
+        }
+        let (tx, _) = watch::channel(Some(snapshot));
+        let pacer = Arc::new(Pacer::new(self.inner.config.delivery.rate_limit_per_second));
+        let log = self.account_watch(account_id);
+        let tasks = [Mode::Realtime, Mode::Batch]
+            .into_iter()
+            .map(|mode| {
+                let lane = lane::Lane {
+                    dispatcher: self.clone(),
+                    key: LaneKey {
+                        account_id,
+                        webhook_id: webhook_id.to_string(),
+                        mode: mode.into(),
+                    },
+                    mode,
+                    settings: tx.subscribe(),
+                    log: log.clone(),
+                    metrics: self.inner.metrics.lane(webhook_id),
+                    stack: stack::lane_stack(
+                        self.inner.attempt.clone(),
+                        pacer.clone(),
+                        self.inner.policy,
+                        self.inner.stop.subscribe(),
+                    ),
+                };
+                tokio::spawn(lane.run())
+            })
+            .collect();
+        lanes.sets.insert(
+            webhook_id.to_string(),
+            LaneSet {
+                settings: tx,
+                tasks,
+            },
+        );
     }
 
-    /// Stops a webhook's lanes and waits until they have ended, so nothing
-    /// more is sent to it.
-    pub async fn remove(&self, webhook_id: &str) {
-        let set = self
-            .inner
-            .lanes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(webhook_id);
-        self.inner.metrics.forget_webhook(webhook_id);
+    /// First step of a deletion: from now on no lane of the webhook starts
+    /// (a racing refresh finds it marked), and its running lanes are stopped
+    /// and awaited, so nothing more is sent to it.
+    pub async fn begin_delete(&self, webhook_id: &str) {
+        let set = {
+            let mut lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            lanes.deleted.insert(webhook_id.to_string());
+            lanes.sets.remove(webhook_id)
+        };
         if let Some(set) = set {
-            set.snapshot.send_replace(None);
+            set.settings.send_replace(None);
             for t in set.tasks {
                 t.abort();
                 let _ = t.await;
@@ -210,7 +247,31 @@ impl Dispatcher {
         }
     }
 
-    /// Wakes the lanes of `account_id`: the log now ends at `last_seq`.
+    /// Last step of a deletion: `deleted` false (the store refused, e.g.
+    /// NOT_FOUND or UNAVAILABLE) lets the lanes run again.
+    pub async fn end_delete(&self, account_id: u64, webhook_id: &str, deleted: bool) {
+        if deleted {
+            self.inner.metrics.forget_webhook(webhook_id);
+            return;
+        }
+        self.inner
+            .lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .deleted
+            .remove(webhook_id);
+        self.refresh(account_id, webhook_id).await;
+    }
+
+    /// Wakes a webhook's lanes (requeued work waits for them).
+    pub fn wake(&self, webhook_id: &str) {
+        let lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = lanes.sets.get(webhook_id) {
+            set.settings.send_modify(|_| {});
+        }
+    }
+
+    /// Wakes the lanes of `account_id`: the durable log now ends at `last_seq`.
     pub fn events_appended(&self, account_id: u64, last_seq: u64) {
         let mut accounts = self
             .inner
@@ -238,13 +299,36 @@ impl Dispatcher {
             .unwrap_or_else(|p| p.into_inner());
         accounts
             .entry(account_id)
-            .or_insert_with(|| watch::channel(self.inner.store.last_seq()).0)
+            .or_insert_with(|| watch::channel(self.inner.store.durable_seq()).0)
             .subscribe()
     }
 
-    /// A receiver of every delivery outcome.
-    pub fn subscribe_outcomes(&self) -> broadcast::Receiver<DeliveryRecord> {
-        self.inner.outcomes.subscribe()
+    /// A receiver of the delivery outcomes of `account_id` (each finished
+    /// attempt); it lags, and says so, after [`WATCH_BUFFER`] unread ones.
+    pub fn subscribe_outcomes(&self, account_id: u64) -> broadcast::Receiver<Arc<DeliveryRecord>> {
+        let mut watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Accounts nobody watches any more.
+        watchers.retain(|_, tx| tx.receiver_count() > 0);
+        watchers
+            .entry(account_id)
+            .or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
+            .subscribe()
+    }
+
+    /// Hands an outcome to the watchers of its account, if any.
+    fn publish_outcome(&self, record: DeliveryRecord) {
+        let watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = watchers.get(&record.account_id) {
+            let _ = tx.send(Arc::new(record));
+        }
     }
 
     /// Sends one sample payload to `webhook` (saved or not) through the
@@ -265,7 +349,11 @@ impl Dispatcher {
         );
         let body = render_payload(webhook.account_id, [event.as_str()]);
         let req = DeliveryRequest {
-            webhook: Arc::new(WebhookSnapshot::new(webhook.clone(), secret)),
+            webhook: Arc::new(WebhookSnapshot::new(
+                webhook.clone(),
+                secret,
+                &self.inner.catalog,
+            )),
             msg_id: new_id(DELIVERY_PREFIX).into(),
             body: Bytes::from(body),
             headers: HeaderMap::new(),
@@ -288,12 +376,12 @@ impl Dispatcher {
     pub async fn shutdown(&self) {
         self.inner.stop.send_replace(true);
         let grace = Duration::from_millis(self.inner.config.shutdown_grace_ms);
-        // Keep each set's snapshot sender alive until its lanes have ended:
+        // Keep each set's settings sender alive until its lanes have ended:
         // dropping it reads as "webhook deleted" and would cut the attempts
         // in flight at once instead of letting them finish.
         let mut sets: Vec<LaneSet> = {
             let mut lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
-            lanes.drain().map(|(_, set)| set).collect()
+            lanes.sets.drain().map(|(_, set)| set).collect()
         };
         let deadline = tokio::time::Instant::now() + grace;
         for t in sets.iter_mut().flat_map(|set| set.tasks.iter_mut()) {
@@ -307,12 +395,13 @@ impl Dispatcher {
 
     /// Marks a webhook disabled by the service and pauses its lanes.
     async fn disable(&self, account_id: u64, webhook_id: &str, reason: String) {
+        let why = reason.clone();
         let result = self
             .inner
             .store
-            .update_webhook(account_id, webhook_id, |w, _| {
+            .update_webhook(account_id, webhook_id, move |w, _| {
                 w.active = false;
-                w.disabled_reason = reason.clone();
+                w.disabled_reason = why;
                 w.update_time_ms = now_ms();
                 Ok(None)
             })
@@ -320,7 +409,7 @@ impl Dispatcher {
         match result {
             Ok(_) => {
                 tracing::warn!(account_id, webhook_id, reason = %reason, "webhook disabled");
-                self.refresh(account_id, webhook_id);
+                self.refresh(account_id, webhook_id).await;
             }
             Err(Error::NotFound(_)) => {}
             Err(e) => tracing::error!(webhook_id, error = %e, "cannot disable webhook"),
@@ -328,37 +417,47 @@ impl Dispatcher {
     }
 }
 
-/// Purges delivery records and events older than the retention period.
+/// Runs the store's janitor rounds (purge by finish time, expiry and
+/// trimming by age, cleanup after deletions) on a blocking thread: every
+/// `retention_ms / 10` (0.2 s to 60 s), and again at once while a round
+/// reports more work than its bounds allowed.
 async fn janitor(d: Dispatcher) {
-    let retention = d.inner.config.delivery.retention_ms as i64;
-    let period = Duration::from_millis((retention as u64 / 10).clamp(1_000, 60_000));
+    let delivery = &d.inner.config.delivery;
+    let retention = delivery.retention_ms as i64;
+    let dead_retention = delivery.dead_letter_retention_ms as i64;
+    let period = Duration::from_millis((delivery.retention_ms / 10).clamp(200, 60_000));
     let mut stop = d.inner.stop.subscribe();
+    let mut wait = period;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if let Err(e) = purge_once(&d, now_ms() - retention) {
-            tracing::error!(error = %e, "purging old records failed");
+        let catalog = d.inner.catalog.clone();
+        let round = d
+            .inner
+            .store
+            .blocking(move |s| s.janitor_round(&catalog, now_ms(), retention, dead_retention))
+            .await;
+        wait = period;
+        match round {
+            Ok(report) => {
+                for (key, n) in &report.expired {
+                    d.inner.metrics.events_expired(&key.webhook_id, *n);
+                }
+                if report.trimmed > 0 || report.purged > 0 || report.cleaned > 0 {
+                    tracing::debug!(
+                        trimmed = report.trimmed,
+                        purged = report.purged,
+                        cleaned = report.cleaned,
+                        "janitor round"
+                    );
+                }
+                if report.more {
+                    wait = Duration::from_millis(10);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "janitor round failed"),
         }
     }
-}
-
-fn purge_once(d: &Dispatcher, before_ms: i64) -> Result<()> {
-    let store = &d.inner.store;
-    while store.purge_deliveries(before_ms, 10_000)? == 10_000 {}
-    let webhooks = store.all_webhooks()?;
-    for account in store.accounts_with_events()? {
-        let ids: Vec<String> = webhooks
-            .iter()
-            .filter(|w| w.account_id == account)
-            .map(|w| w.id.clone())
-            .collect();
-        // Without webhooks nothing can need the events; otherwise keep what a
-        // lane has not passed yet.
-        let max_seq = store.min_cursor(&ids)?.unwrap_or(u64::MAX);
-        // Whole chunks go, so a full round removes at least the limit.
-        while store.trim_events(account, before_ms, max_seq, 10_000)? >= 10_000 {}
-    }
-    Ok(())
 }

@@ -21,22 +21,34 @@ use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use super::client::{HttpClient, KEPT_BODY_BYTES};
 use super::retry::RetryPolicy;
 use super::signing;
-use crate::domain::delivery::Attempt;
+use crate::domain::catalog::{Catalog, Mode};
+use crate::domain::delivery::{Attempt, LaneFilter};
 use crate::domain::now_ms;
 use crate::domain::webhook::{Auth, SecretRecord, Webhook};
 
-/// A webhook as the delivery path sees it, with its decoded signing keys.
+/// A webhook as the delivery path sees it, with its decoded signing keys
+/// and the filters of its two lanes.
 #[derive(Debug, Clone)]
 pub struct WebhookSnapshot {
     /// The stored webhook.
     pub webhook: Webhook,
     /// HMAC keys and until when each may be used (i64::MAX: current).
     keys: Vec<(Vec<u8>, i64)>,
+    /// Which events the real-time and the batch lane take.
+    filters: [LaneFilter; 2],
 }
 
 impl WebhookSnapshot {
     /// Snapshot of `webhook` with its secrets (if it signs).
-    pub fn new(webhook: Webhook, secret: Option<&SecretRecord>) -> WebhookSnapshot {
+    pub fn new(
+        webhook: Webhook,
+        secret: Option<&SecretRecord>,
+        catalog: &Arc<Catalog>,
+    ) -> WebhookSnapshot {
+        let filters = [
+            LaneFilter::new(&webhook, Mode::Realtime, catalog.clone()),
+            LaneFilter::new(&webhook, Mode::Batch, catalog.clone()),
+        ];
         let mut keys = Vec::new();
         if let Some(s) = secret {
             if let Ok(k) = signing::decode_secret(&s.current) {
@@ -48,7 +60,19 @@ impl WebhookSnapshot {
                 }
             }
         }
-        WebhookSnapshot { webhook, keys }
+        WebhookSnapshot {
+            webhook,
+            keys,
+            filters,
+        }
+    }
+
+    /// The filter of the `mode` lane.
+    pub fn filter(&self, mode: Mode) -> &LaneFilter {
+        match mode {
+            Mode::Realtime => &self.filters[0],
+            Mode::Batch => &self.filters[1],
+        }
     }
 
     /// Keys to sign with at `now_ms`.
@@ -339,15 +363,24 @@ where
 // --------------------------------------------------------------- retry layer
 
 /// Called after every failed attempt with the attempt and the time of the
-/// next one (None: no further attempt), before waiting. The lane persists
-/// both here, so a restart resumes the schedule.
-pub type AttemptObserver = Arc<dyn Fn(&Attempt, Option<i64>) + Send + Sync>;
+/// next one (None: no further attempt), and awaited before the wait. The
+/// lane persists both here, so a restart resumes the schedule.
+pub type AttemptObserver =
+    Arc<dyn Fn(Attempt, Option<i64>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// The webhook's settings as they change; None once it is deleted.
+pub type Settings = tokio::sync::watch::Receiver<Option<Arc<WebhookSnapshot>>>;
 
 /// A payload to deliver with retries.
 #[derive(Clone)]
 pub struct RetryRequest {
-    /// The attempt template.
-    pub request: DeliveryRequest,
+    /// `webhook-id`: stable across retries.
+    pub msg_id: Arc<str>,
+    /// The JSON payload.
+    pub body: Bytes,
+    /// Read before each attempt: a new target, auth or secret applies from
+    /// the next attempt on, never to one in flight.
+    pub settings: Settings,
     /// Failures so far (from the persisted record).
     pub failures: u32,
     /// First attempt time, ms, if any was made.
@@ -367,6 +400,9 @@ pub enum Verdict {
     Dead(Attempt),
     /// The router is stopping; the schedule is persisted.
     Stopped,
+    /// Between attempts the webhook was retired, disabled or deleted; the
+    /// schedule is persisted and resumes on activation.
+    Paused,
 }
 
 /// Retries failed attempts on the [`RetryPolicy`] schedule until success,
@@ -403,6 +439,14 @@ pub struct RetryService<S> {
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
+/// The settings to attempt with now; None when the webhook is inactive or gone.
+fn current(settings: &mut Settings) -> Option<Arc<WebhookSnapshot>> {
+    settings
+        .borrow_and_update()
+        .clone()
+        .filter(|s| s.webhook.active)
+}
+
 impl<S> Service<RetryRequest> for RetryService<S>
 where
     S: Service<DeliveryRequest, Response = HttpResponse, Error = BoxError> + Clone + Send + 'static,
@@ -421,35 +465,57 @@ where
         let policy = self.policy;
         let mut stop = self.stop.clone();
         Box::pin(async move {
+            let mut settings = req.settings.clone();
             let mut failures = req.failures;
             let mut first = req.first_attempt_ms;
             loop {
                 if *stop.borrow() {
                     return Ok(Verdict::Stopped);
                 }
+                let Some(webhook) = current(&mut settings) else {
+                    return Ok(Verdict::Paused);
+                };
+                let attempt = DeliveryRequest {
+                    webhook,
+                    msg_id: req.msg_id.clone(),
+                    body: req.body.clone(),
+                    headers: HeaderMap::new(),
+                };
                 let started_ms = now_ms();
                 let started = Instant::now();
-                let result = inner.clone().oneshot(req.request.clone()).await;
+                // Never raced against a settings change: an attempt that was
+                // sent is finished and recorded.
+                let result = inner.clone().oneshot(attempt).await;
                 let outcome = classify(started_ms, started.elapsed(), result);
                 let first_ms = *first.get_or_insert(started_ms);
                 if outcome.success {
                     return Ok(Verdict::Delivered(outcome.attempt));
                 }
                 if outcome.attempt.status_code == 410 {
-                    (req.observer)(&outcome.attempt, None);
+                    (req.observer)(outcome.attempt.clone(), None).await;
                     return Ok(Verdict::Gone(outcome.attempt));
                 }
                 failures += 1;
                 let delay = policy.delay(failures, outcome.retry_after);
                 let next_ms = now_ms() + delay.as_millis() as i64;
                 if policy.expired(first_ms, next_ms) {
-                    (req.observer)(&outcome.attempt, None);
+                    (req.observer)(outcome.attempt.clone(), None).await;
                     return Ok(Verdict::Dead(outcome.attempt));
                 }
-                (req.observer)(&outcome.attempt, Some(next_ms));
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.wait_for(|s| *s) => return Ok(Verdict::Stopped),
+                (req.observer)(outcome.attempt, Some(next_ms)).await;
+                // The wait, unlike an attempt, ends early when the webhook is
+                // retired or deleted meanwhile; other changes wait it out.
+                let until = tokio::time::Instant::now() + delay;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        _ = stop.wait_for(|s| *s) => return Ok(Verdict::Stopped),
+                        changed = settings.changed() => {
+                            if changed.is_err() || current(&mut settings).is_none() {
+                                return Ok(Verdict::Paused);
+                            }
+                        }
+                    }
                 }
             }
         })
@@ -524,7 +590,11 @@ mod tests {
             update_time_ms: 0,
             disabled_reason: String::new(),
         };
-        let snap = Arc::new(WebhookSnapshot::new(w, Some(&secret)));
+        let snap = Arc::new(WebhookSnapshot::new(
+            w,
+            Some(&secret),
+            &Arc::new(Catalog::new(&[])),
+        ));
         let mut req = DeliveryRequest {
             webhook: snap.clone(),
             msg_id: "msg_1".into(),

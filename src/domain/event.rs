@@ -1,6 +1,8 @@
 //! Events as the router stores and sends them. An event's JSON object is
 //! rendered once at ingest; payloads are then built by concatenation.
 
+use super::catalog::Mode;
+
 /// A validated event ready to be appended to its account's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
@@ -10,6 +12,8 @@ pub struct NewEvent {
     pub event_name: String,
     /// Epoch milliseconds.
     pub timestamp_ms: i64,
+    /// The lane it goes to, fixed at publish from the catalog in force.
+    pub mode: Mode,
     /// The event object as sent to listeners:
     /// `{"eventId":…,"eventName":…,"timestamp":…,"eventInfo":…,"data":…}`.
     pub json: String,
@@ -26,6 +30,9 @@ pub struct StoredEvent {
     pub event_name: String,
     /// When the router stored it, epoch ms.
     pub ingest_time_ms: i64,
+    /// Its mode as published; None for events stored before modes were
+    /// recorded (schema 2).
+    pub mode: Option<Mode>,
     /// The rendered event object.
     pub json: String,
 }

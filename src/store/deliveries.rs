@@ -1,30 +1,105 @@
-//! Lane state and delivery records. A lane's state is its cursor (the last
-//! log position taken into a delivery) and the delivery at its head while
-//! that one is unfinished; deliveries an operator requeued wait in a queue
-//! of their own.
+//! Lanes and the delivery log.
+//!
+//! A lane's state is its cursor (the last log position taken into a
+//! delivery or passed over) and the delivery at its head while that one is
+//! unfinished. Every change to a lane's state happens under that lane's lock
+//! ([`LaneSlot`]), taken by the lane's own operations and by the janitor, so
+//! the janitor can expire what a lane has not sent without racing it. The
+//! slot also caches the state: lanes do not rewrite it when a delivery
+//! finishes (one write less per payload), so the stored head may name a
+//! finished delivery; the cache knows better, and after a restart the lane
+//! just clears it.
+//!
+//! Keys of the `lanes` tree (`wh` is the webhook id, `m` the mode byte):
+//! - `L` wh `/` m → [`LaneState`] (JSON).
+//! - `D` wh `/` id → [`DeliveryRecord`] (JSON).
+//! - `P` wh `/` id → the events of a delivery whose events are kept with it
+//!   (`events_kept`): from its first failed attempt on, dead letters,
+//!   requeued copies. Trimming the event log never touches them.
+//! - `Q` wh `/` m id → () : requeued deliveries, taken oldest first.
+//! - `F` class finish_ms(8) wh `/` id → () : finished deliveries by finish
+//!   time, so the janitor purges the due ones without reading the rest;
+//!   class `d` (delivered, kept `delivery.retention_ms`) or `x` (dead or
+//!   expired, kept `delivery.dead_letter_retention_ms`).
+//! - `Z` wh `/` id → () : dead deliveries no RedeliverEvents without ids
+//!   has requeued yet.
+//! - `X` wh → () : a deleted webhook whose records the janitor still removes.
+//!
+//! Writes that belong together but are not one batch are ordered so a crash
+//! in between leaves nothing pointing at what is missing: a payload before
+//! the record that says it is kept, index entries before the finished
+//! record (the janitor drops index entries whose record is not finished).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use super::Store;
-use crate::domain::delivery::{DeliveryRecord, DeliveryState, ModeTag};
-use crate::error::Result;
+use crate::domain::catalog::Mode;
+use crate::domain::delivery::{DeliveryRecord, DeliveryState, LaneFilter, ModeTag};
+use crate::domain::event::{NewEvent, StoredEvent};
+use crate::error::{Error, Result};
 
 const LANE: u8 = b'L';
 const DELIVERY: u8 = b'D';
-/// `Q` ‖ webhook id ‖ `/` ‖ mode ‖ delivery id: deliveries an operator
-/// requeued, taken by the lane (oldest first) before new events. Kept apart
-/// from LaneState so the API can add to it while the lane runs.
+const PAYLOAD: u8 = b'P';
 const REQUEUED: u8 = b'Q';
+const FINISHED: u8 = b'F';
+const DEAD_INDEX: u8 = b'Z';
+const DELETED: u8 = b'X';
+
+/// Most event ids in one EXPIRED record; more make several records.
+const MAX_IDS_PER_EXPIRED: usize = 1000;
 
 /// Persistent state of one lane (webhook × mode).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaneState {
-    /// Last log sequence number taken into a delivery or skipped.
+    /// Last log sequence number taken into a delivery or passed over.
     pub cursor: u64,
     /// The delivery at the head: being attempted, or (as stored) possibly
     /// already finished, since the state is not rewritten when one ends.
-    /// See [`Store::unfinished_head`].
     pub head: Option<String>,
+}
+
+/// One lane: its account, webhook and mode.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LaneKey {
+    /// The webhook's account.
+    pub account_id: u64,
+    /// The webhook.
+    pub webhook_id: String,
+    /// Real-time or batch.
+    pub mode: ModeTag,
+}
+
+/// What [`Store::lane_take`] found for a lane to do.
+#[derive(Debug)]
+pub enum Take {
+    /// Send this delivery with these events.
+    Send {
+        /// The delivery (PENDING or RETRYING).
+        record: Box<DeliveryRecord>,
+        /// Its events, oldest first.
+        events: Vec<StoredEvent>,
+        /// Events the lane's cursor moved past into this delivery (0 for a
+        /// head resumed after a restart or a requeued delivery).
+        taken: u64,
+        /// Whether it came from the requeued queue.
+        requeued: bool,
+    },
+    /// Nothing to send now. `more`: the read stopped at its scan limit, so
+    /// read again at once instead of waiting for new events.
+    Idle {
+        /// Read again at once.
+        more: bool,
+    },
+    /// A batch lane has events waiting, fewer than a full payload, and its
+    /// batch interval has not passed.
+    NotDue,
+    /// The webhook was deleted: the lane must stop.
+    Gone,
 }
 
 /// One page of a delivery listing.
@@ -36,6 +111,183 @@ pub struct DeliveryPage {
     pub next_after: Option<String>,
 }
 
+/// Most log records counted when a lane's backlog tally is seeded; a lane
+/// further behind reports this many and sets `capped`.
+pub const BACKLOG_SEED_LIMIT: usize = 1_000_000;
+
+/// A lane's figures for the metrics, kept up to date as events arrive and
+/// leave the lane instead of being counted at scrape time. Seeded by one
+/// bounded count when the lane first runs (and again when its filter
+/// changes); every change that depends on the cursor happens under the
+/// lane's lock, arrivals are counted by sequence number past the seed point.
+#[derive(Debug)]
+pub struct LaneTally {
+    /// Events after the cursor that the lane will take.
+    pending: AtomicI64,
+    /// Arrivals above this sequence number are counted as they are
+    /// appended; `u64::MAX` until the tally is seeded.
+    counted_through: AtomicU64,
+    /// The seed count stopped at its limit: the lane is further behind.
+    capped: AtomicBool,
+    /// Requeued deliveries waiting.
+    requeued: AtomicI64,
+    /// Events of the delivery at the head (in flight or retrying).
+    head_events: AtomicU64,
+    /// Ingest time of the head's first event; 0 without a head.
+    head_ingest_ms: AtomicI64,
+    /// The filter the tally was seeded for; a different one reseeds.
+    filter: Mutex<Option<LaneFilter>>,
+}
+
+impl Default for LaneTally {
+    fn default() -> Self {
+        LaneTally {
+            pending: AtomicI64::new(0),
+            counted_through: AtomicU64::new(u64::MAX),
+            capped: AtomicBool::new(false),
+            requeued: AtomicI64::new(0),
+            head_events: AtomicU64::new(0),
+            head_ingest_ms: AtomicI64::new(0),
+            filter: Mutex::new(None),
+        }
+    }
+}
+
+impl LaneTally {
+    fn seeded(&self) -> bool {
+        self.counted_through.load(Ordering::Acquire) != u64::MAX
+    }
+
+    fn sub_pending(&self, n: u64) {
+        if self.seeded() {
+            self.pending.fetch_sub(n as i64, Ordering::AcqRel);
+        }
+    }
+
+    fn set_head(&self, events: &[StoredEvent]) {
+        self.head_events
+            .store(events.len() as u64, Ordering::Release);
+        self.head_ingest_ms.store(
+            events.first().map_or(0, |e| e.ingest_time_ms),
+            Ordering::Release,
+        );
+    }
+
+    /// Events the lane still owes: after its cursor, plus its head's.
+    pub fn backlog(&self) -> u64 {
+        let pending = self.pending.load(Ordering::Acquire).max(0) as u64;
+        pending + self.head_events.load(Ordering::Acquire)
+    }
+
+    /// Whether the seed count stopped at [`BACKLOG_SEED_LIMIT`].
+    pub fn capped(&self) -> bool {
+        self.capped.load(Ordering::Acquire)
+    }
+
+    /// Requeued deliveries waiting.
+    pub fn requeued(&self) -> u64 {
+        self.requeued.load(Ordering::Acquire).max(0) as u64
+    }
+
+    /// Events after the cursor (without the head's).
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Acquire).max(0) as u64
+    }
+
+    /// Ingest time of the head's first event, if there is a head.
+    pub fn head_ingest_ms(&self) -> Option<i64> {
+        (self.head_events.load(Ordering::Acquire) > 0)
+            .then(|| self.head_ingest_ms.load(Ordering::Acquire))
+    }
+
+    /// The filter the lane last ran with.
+    pub fn filter(&self) -> Option<LaneFilter> {
+        self.filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A lane's lock and its cached state (see the module doc).
+#[derive(Default)]
+pub(super) struct LaneSlot {
+    state: Option<LaneState>,
+    tally: Arc<LaneTally>,
+}
+
+/// A lane's slot, shared by whoever works on the lane.
+type SharedSlot = Arc<Mutex<LaneSlot>>;
+/// An account's lanes and their tallies.
+type AccountTallies = Vec<(LaneKey, Arc<LaneTally>)>;
+
+/// Lane slots and deleted webhooks, in memory.
+#[derive(Default)]
+pub(super) struct LaneRegistry {
+    slots: Mutex<HashMap<(String, ModeTag), SharedSlot>>,
+    /// Each account's lane tallies, for counting arrivals. Its lock is also
+    /// taken when a tally's seed point is chosen, so an arrival is counted
+    /// either by the seed or as it arrives, never both or neither.
+    tallies: Mutex<HashMap<u64, AccountTallies>>,
+    /// Webhooks deleted (tombstoned): their lanes can never run again.
+    deleted: Mutex<HashSet<String>>,
+}
+
+impl LaneRegistry {
+    fn slot_of(&self, key: &LaneKey) -> Arc<Mutex<LaneSlot>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slots.get(&(key.webhook_id.clone(), key.mode)) {
+            return s.clone();
+        }
+        let slot = Arc::new(Mutex::new(LaneSlot::default()));
+        let tally = slot.lock().unwrap_or_else(|p| p.into_inner()).tally.clone();
+        self.tallies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.account_id)
+            .or_default()
+            .push((key.clone(), tally));
+        slots.insert((key.webhook_id.clone(), key.mode), slot.clone());
+        slot
+    }
+
+    fn slot(&self, webhook_id: &str, mode: ModeTag) -> Option<Arc<Mutex<LaneSlot>>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(webhook_id.to_string(), mode))
+            .cloned()
+    }
+
+    fn is_deleted(&self, webhook_id: &str) -> bool {
+        self.deleted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(webhook_id)
+    }
+
+    /// Marks `webhook_id` deleted and drops its slots. Callers hold the
+    /// slots' locks, so no lane operation is halfway through.
+    fn mark_deleted(&self, webhook_id: &str) {
+        self.deleted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(webhook_id.to_string());
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for mode in [ModeTag::Realtime, ModeTag::Batch] {
+            slots.remove(&(webhook_id.to_string(), mode));
+        }
+        for lanes in self
+            .tallies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values_mut()
+        {
+            lanes.retain(|(k, _)| k.webhook_id != webhook_id);
+        }
+    }
+}
+
 fn mode_byte(m: ModeTag) -> u8 {
     match m {
         ModeTag::Realtime => b'r',
@@ -43,84 +295,473 @@ fn mode_byte(m: ModeTag) -> u8 {
     }
 }
 
-fn lane_key(webhook_id: &str, mode: ModeTag) -> Vec<u8> {
-    let mut k = Vec::with_capacity(webhook_id.len() + 3);
-    k.push(LANE);
+fn webhook_prefix(kind: u8, webhook_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(webhook_id.len() + 40);
+    k.push(kind);
     k.extend_from_slice(webhook_id.as_bytes());
     k.push(b'/');
+    k
+}
+
+fn keyed(kind: u8, webhook_id: &str, delivery_id: &str) -> Vec<u8> {
+    let mut k = webhook_prefix(kind, webhook_id);
+    k.extend_from_slice(delivery_id.as_bytes());
+    k
+}
+
+pub(super) fn lane_key(webhook_id: &str, mode: ModeTag) -> Vec<u8> {
+    let mut k = webhook_prefix(LANE, webhook_id);
     k.push(mode_byte(mode));
     k
 }
 
 pub(super) fn requeued_key(webhook_id: &str, mode: ModeTag, delivery_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(webhook_id.len() + delivery_id.len() + 3);
-    k.push(REQUEUED);
-    k.extend_from_slice(webhook_id.as_bytes());
-    k.push(b'/');
+    let mut k = webhook_prefix(REQUEUED, webhook_id);
     k.push(mode_byte(mode));
     k.extend_from_slice(delivery_id.as_bytes());
     k
 }
 
-fn delivery_prefix(webhook_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(webhook_id.len() + 40);
-    k.push(DELIVERY);
+fn deleted_key(webhook_id: &str) -> Vec<u8> {
+    let mut k = vec![DELETED];
     k.extend_from_slice(webhook_id.as_bytes());
-    k.push(b'/');
     k
 }
 
-fn delivery_key(webhook_id: &str, delivery_id: &str) -> Vec<u8> {
-    let mut k = delivery_prefix(webhook_id);
+/// Finished-index class of a final state.
+fn finished_class(state: DeliveryState) -> u8 {
+    match state {
+        DeliveryState::Delivered => b'd',
+        _ => b'x',
+    }
+}
+
+fn finished_key(class: u8, finish_ms: i64, webhook_id: &str, delivery_id: &str) -> Vec<u8> {
+    let mut k = vec![FINISHED, class];
+    k.extend_from_slice(&(finish_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(webhook_id.as_bytes());
+    k.push(b'/');
     k.extend_from_slice(delivery_id.as_bytes());
     k
 }
 
+/// (webhook id, delivery id) of a finished-index key.
+fn parse_finished_key(k: &[u8]) -> Option<(String, String)> {
+    let rest = std::str::from_utf8(k.get(10..)?).ok()?;
+    let (w, d) = rest.split_once('/')?;
+    Some((w.to_string(), d.to_string()))
+}
+
+/// A kept payload: count(4) ‖ count × [seq(8) ‖ ingest_ms(8) ‖ mode(1:
+/// `r`, `b` or 0) ‖ name_len(1) ‖ name ‖ id_len(1) ‖ id ‖ json_len(4) ‖ json].
+fn encode_payload(events: &[StoredEvent]) -> Vec<u8> {
+    let size: usize = events
+        .iter()
+        .map(|e| 23 + e.event_name.len() + e.event_id.len() + e.json.len())
+        .sum();
+    let mut v = Vec::with_capacity(4 + size);
+    v.extend_from_slice(&(events.len() as u32).to_be_bytes());
+    for e in events {
+        v.extend_from_slice(&e.seq.to_be_bytes());
+        v.extend_from_slice(&e.ingest_time_ms.to_be_bytes());
+        v.push(match e.mode {
+            Some(Mode::Realtime) => b'r',
+            Some(Mode::Batch) => b'b',
+            None => 0,
+        });
+        v.push(e.event_name.len() as u8);
+        v.extend_from_slice(e.event_name.as_bytes());
+        v.push(e.event_id.len() as u8);
+        v.extend_from_slice(e.event_id.as_bytes());
+        v.extend_from_slice(&(e.json.len() as u32).to_be_bytes());
+        v.extend_from_slice(e.json.as_bytes());
+    }
+    v
+}
+
+fn decode_payload(v: &[u8]) -> Result<Vec<StoredEvent>> {
+    let bad = || Error::Internal("corrupt kept payload".into());
+    let take = |at: &mut usize, n: usize| -> Result<&[u8]> {
+        let s = v.get(*at..*at + n).ok_or_else(bad)?;
+        *at += n;
+        Ok(s)
+    };
+    let be8 = |b: &[u8]| -> Result<[u8; 8]> { b.try_into().map_err(|_| bad()) };
+    let text = |b: &[u8]| -> Result<String> {
+        std::str::from_utf8(b).map(str::to_owned).map_err(|_| bad())
+    };
+    let mut at = 0;
+    let count = u32::from_be_bytes(take(&mut at, 4)?.try_into().map_err(|_| bad())?);
+    let mut out = Vec::with_capacity(count.min(100_000) as usize);
+    for _ in 0..count {
+        let seq = u64::from_be_bytes(be8(take(&mut at, 8)?)?);
+        let ingest = i64::from_be_bytes(be8(take(&mut at, 8)?)?);
+        let mode = match take(&mut at, 1)?[0] {
+            b'r' => Some(Mode::Realtime),
+            b'b' => Some(Mode::Batch),
+            _ => None,
+        };
+        let nl = take(&mut at, 1)?[0] as usize;
+        let name = text(take(&mut at, nl)?)?;
+        let il = take(&mut at, 1)?[0] as usize;
+        let id = text(take(&mut at, il)?)?;
+        let jl = u32::from_be_bytes(take(&mut at, 4)?.try_into().map_err(|_| bad())?) as usize;
+        let json = text(take(&mut at, jl)?)?;
+        out.push(StoredEvent {
+            seq,
+            event_id: id,
+            event_name: name,
+            ingest_time_ms: ingest,
+            mode,
+            json,
+        });
+    }
+    Ok(out)
+}
+
 impl Store {
-    /// A lane's state, or None for a lane never used.
-    pub fn lane(&self, webhook_id: &str, mode: ModeTag) -> Result<Option<LaneState>> {
-        match self.inner.lanes.get(lane_key(webhook_id, mode))? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
+    fn put_record(&self, r: &DeliveryRecord) -> Result<()> {
+        self.inner.lanes.insert(
+            keyed(DELIVERY, &r.webhook_id, &r.id),
+            serde_json::to_vec(r)?,
+        )?;
+        Ok(())
+    }
+
+    fn put_lane(&self, key: &LaneKey, state: &LaneState) -> Result<()> {
+        self.inner.lanes.insert(
+            lane_key(&key.webhook_id, key.mode),
+            serde_json::to_vec(state)?,
+        )?;
+        Ok(())
+    }
+
+    /// Stores `events` as `record`'s kept payload (if not yet) and marks it.
+    fn keep_events(&self, record: &mut DeliveryRecord, events: &[StoredEvent]) -> Result<()> {
+        if !record.events_kept {
+            self.inner.lanes.insert(
+                keyed(PAYLOAD, &record.webhook_id, &record.id),
+                encode_payload(events),
+            )?;
+            record.events_kept = true;
+        }
+        Ok(())
+    }
+
+    /// The events of a delivery: its kept payload, or else from the log
+    /// (those still stored).
+    fn events_of(&self, r: &DeliveryRecord) -> Result<Vec<StoredEvent>> {
+        if r.events_kept {
+            match self.inner.lanes.get(keyed(PAYLOAD, &r.webhook_id, &r.id))? {
+                Some(v) => decode_payload(&v),
+                None => Ok(Vec::new()),
+            }
+        } else {
+            self.events_at(r.account_id, &r.seqs)
         }
     }
 
-    /// Writes delivery records, then the lane's state. Not flushed: a crash
-    /// may repeat a delivery (at-least-once), never lose one.
-    ///
-    /// Plain inserts, not one sled `Batch`: sled writes its I/O buffer out
-    /// (pwrite + sync_file_range) before and after every batch, which made
-    /// batches the largest cost of a delivery. The order is what keeps a
-    /// crash safe: sled recovers a prefix of its log, so the lane never
-    /// points at a record that is missing (records go first); a finished
-    /// record with the lane still pointing at it is cleared by the lane
-    /// on restart. A crash between the two writes of a new delivery can leave
-    /// one PENDING record no lane points at; its events are sent again
-    /// under a new delivery.
-    pub fn save_lane(
+    /// The lane's state: cached, stored, or (a lane never used) new at the
+    /// end of the durable log.
+    fn lane_state(&self, slot: &mut LaneSlot, key: &LaneKey) -> Result<LaneState> {
+        if let Some(s) = &slot.state {
+            return Ok(s.clone());
+        }
+        let state = match self.inner.lanes.get(lane_key(&key.webhook_id, key.mode))? {
+            Some(v) => serde_json::from_slice(&v)?,
+            None => {
+                let s = LaneState {
+                    cursor: self.durable_seq(),
+                    head: None,
+                };
+                self.put_lane(key, &s)?;
+                s
+            }
+        };
+        slot.state = Some(state.clone());
+        Ok(state)
+    }
+
+    /// A lane's cursor (for the metrics).
+    pub fn lane_cursor(&self, key: &LaneKey) -> Result<u64> {
+        let slot = self.inner.lane_registry.slot_of(key);
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self.lane_state(&mut slot, key)?.cursor)
+    }
+
+    /// The lanes known to this process, with their tallies (for the metrics).
+    pub fn lane_tallies(&self) -> Vec<(LaneKey, Arc<LaneTally>)> {
+        self.inner
+            .lane_registry
+            .tallies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|v| v.iter().cloned())
+            .collect()
+    }
+
+    /// Counts freshly appended events (the first with sequence number
+    /// `first_seq`, the others following) in the tallies of the account's lanes.
+    pub(super) fn tally_appended(&self, account_id: u64, first_seq: u64, events: &[&NewEvent]) {
+        let tallies = self
+            .inner
+            .lane_registry
+            .tallies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(lanes) = tallies.get(&account_id) else {
+            return;
+        };
+        for (_, tally) in lanes {
+            let through = tally.counted_through.load(Ordering::Acquire);
+            if through == u64::MAX {
+                continue;
+            }
+            let filter = tally.filter.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(filter) = filter.as_ref() else {
+                continue;
+            };
+            let n = events
+                .iter()
+                .enumerate()
+                .filter(|(i, e)| {
+                    first_seq + *i as u64 > through && filter.accepts(&e.event_name, Some(e.mode))
+                })
+                .count();
+            tally.pending.fetch_add(n as i64, Ordering::AcqRel);
+        }
+    }
+
+    /// Seeds the lane's tally (under its lock, `slot` held) when it has never
+    /// been seeded or `filter` changed: the seed point is the durable log
+    /// end, chosen under the account's tally lock.
+    fn seed_tally(&self, slot: &mut LaneSlot, key: &LaneKey, filter: &LaneFilter) -> Result<()> {
+        let tally = slot.tally.clone();
+        {
+            let mut current = tally.filter.lock().unwrap_or_else(|p| p.into_inner());
+            let same = current.as_ref().is_some_and(|f| f.same_as(filter));
+            if same && tally.seeded() {
+                return Ok(());
+            }
+            *current = Some(filter.clone());
+        }
+        let through = {
+            let _arrivals = self
+                .inner
+                .lane_registry
+                .tallies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let through = self.durable_seq();
+            tally.pending.store(0, Ordering::Release);
+            tally.counted_through.store(through, Ordering::Release);
+            through
+        };
+        let cursor = self.lane_state(slot, key)?.cursor;
+        let (n, capped) = if cursor <= through {
+            self.count_for_lane(key.account_id, cursor, through, filter, BACKLOG_SEED_LIMIT)?
+        } else {
+            // The lane is past the seed point: those arrivals were counted
+            // but are taken already.
+            let (n, capped) =
+                self.count_for_lane(key.account_id, through, cursor, filter, BACKLOG_SEED_LIMIT)?;
+            tally.pending.fetch_sub(n as i64, Ordering::AcqRel);
+            (0, capped)
+        };
+        tally.pending.fetch_add(n as i64, Ordering::AcqRel);
+        tally.capped.store(capped, Ordering::Release);
+        tally.requeued.store(
+            self.requeued_count(&key.webhook_id, key.mode) as i64,
+            Ordering::Release,
+        );
+        Ok(())
+    }
+
+    /// Decides what the lane does next, under the lane's lock: resume its
+    /// unfinished head, take the oldest requeued delivery, or take up to
+    /// `max_events` new durable events (a batch lane only when it has a full
+    /// payload or `batch_due`) into a new delivery, recorded before it is
+    /// sent. Blocking: call it from a blocking thread.
+    pub fn lane_take(
         &self,
-        webhook_id: &str,
-        mode: ModeTag,
-        lane: &LaneState,
-        records: &[&DeliveryRecord],
+        key: &LaneKey,
+        filter: &LaneFilter,
+        max_events: usize,
+        batch_due: bool,
+        scan_limit: usize,
+        now_ms: i64,
+    ) -> Result<Take> {
+        let registry = &self.inner.lane_registry;
+        if registry.is_deleted(&key.webhook_id) {
+            return Ok(Take::Gone);
+        }
+        let slot = registry.slot_of(key);
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the slot's lock: a deletion that got here first wins.
+        if registry.is_deleted(&key.webhook_id) {
+            return Ok(Take::Gone);
+        }
+        self.seed_tally(&mut slot, key, filter)?;
+        let tally = slot.tally.clone();
+        let mut state = self.lane_state(&mut slot, key)?;
+        if let Some(head) = state.head.clone() {
+            match self.delivery(&key.webhook_id, &head)? {
+                Some(mut r) if !r.state.is_final() => {
+                    let events = self.events_of(&r)?;
+                    if events.len() == r.seqs.len() {
+                        tally.set_head(&events);
+                        return Ok(Take::Send {
+                            record: Box::new(r),
+                            events,
+                            taken: 0,
+                            requeued: false,
+                        });
+                    }
+                    // Its events are gone from the log (trimmed while the
+                    // router was down): record that instead of sending part.
+                    r.finish(DeliveryState::Expired, now_ms);
+                    self.record_finished(&mut r, &[])?;
+                    tracing::warn!(delivery_id = %r.id, "events of the delivery are no longer stored; expired");
+                }
+                _ => {}
+            }
+            state.head = None;
+            slot.state = Some(state.clone());
+        }
+        let prefix = requeued_key(&key.webhook_id, key.mode, "");
+        if let Some(item) = self.inner.lanes.scan_prefix(&prefix).next() {
+            let (qkey, _) = item?;
+            let id = String::from_utf8_lossy(&qkey[prefix.len()..]).into_owned();
+            state.head = Some(id.clone());
+            let mut batch = sled::Batch::default();
+            batch.insert(
+                lane_key(&key.webhook_id, key.mode),
+                serde_json::to_vec(&state)?,
+            );
+            batch.remove(qkey);
+            self.inner.lanes.apply_batch(batch)?;
+            slot.state = Some(state);
+            tally.requeued.fetch_sub(1, Ordering::AcqRel);
+            if let Some(record) = self.delivery(&key.webhook_id, &id)? {
+                let events = self.events_of(&record)?;
+                tally.set_head(&events);
+                return Ok(Take::Send {
+                    record: Box::new(record),
+                    events,
+                    taken: 0,
+                    requeued: true,
+                });
+            }
+            return Ok(Take::Idle { more: true });
+        }
+        let read = self.read_for_lane(
+            key.account_id,
+            state.cursor,
+            u64::MAX,
+            filter,
+            max_events,
+            scan_limit,
+        )?;
+        if read.events.is_empty() {
+            if read.scanned_to > state.cursor {
+                state.cursor = read.scanned_to;
+                self.put_lane(key, &state)?;
+                slot.state = Some(state);
+            }
+            return Ok(Take::Idle {
+                more: read.scanned_to < self.durable_seq(),
+            });
+        }
+        if key.mode == ModeTag::Batch && read.events.len() < max_events && !batch_due {
+            return Ok(Take::NotDue);
+        }
+        let record = DeliveryRecord::new(
+            key.account_id,
+            &key.webhook_id,
+            key.mode,
+            read.events.iter().map(|e| (e.seq, e.event_id.clone())),
+            now_ms,
+        );
+        state.cursor = read.scanned_to;
+        state.head = Some(record.id.clone());
+        // The record before the lane state that points at it.
+        self.put_record(&record)?;
+        self.put_lane(key, &state)?;
+        slot.state = Some(state);
+        let taken = read.events.len() as u64;
+        tally.sub_pending(taken);
+        tally.set_head(&read.events);
+        Ok(Take::Send {
+            record: Box::new(record),
+            events: read.events,
+            taken,
+            requeued: false,
+        })
+    }
+
+    /// Records a failed attempt of the lane's head (RETRYING, or the last
+    /// one before it dies), keeping its events with it from now on so the
+    /// retries and a dead letter never depend on the log. Blocking.
+    pub fn lane_attempt_failed(
+        &self,
+        key: &LaneKey,
+        record: &mut DeliveryRecord,
+        events: &[StoredEvent],
     ) -> Result<()> {
-        for r in records {
+        let registry = &self.inner.lane_registry;
+        let slot = registry.slot_of(key);
+        let _slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if registry.is_deleted(&key.webhook_id) {
+            return Ok(());
+        }
+        self.keep_events(record, events)?;
+        self.put_record(record)
+    }
+
+    /// Records the lane's head as finished (DELIVERED or DEAD), with its
+    /// index entries; a dead letter keeps its events. Blocking.
+    pub fn lane_finish(
+        &self,
+        key: &LaneKey,
+        record: &mut DeliveryRecord,
+        events: &[StoredEvent],
+    ) -> Result<()> {
+        let registry = &self.inner.lane_registry;
+        let slot = registry.slot_of(key);
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if registry.is_deleted(&key.webhook_id) {
+            return Ok(());
+        }
+        self.record_finished(record, events)?;
+        if let Some(s) = &mut slot.state {
+            if s.head.as_deref() == Some(record.id.as_str()) {
+                s.head = None;
+                slot.tally.set_head(&[]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a finished record and its index entries (see the module doc
+    /// for the order).
+    fn record_finished(&self, record: &mut DeliveryRecord, events: &[StoredEvent]) -> Result<()> {
+        if record.state == DeliveryState::Dead {
+            self.keep_events(record, events)?;
             self.inner
                 .lanes
-                .insert(delivery_key(&r.webhook_id, &r.id), serde_json::to_vec(r)?)?;
+                .insert(keyed(DEAD_INDEX, &record.webhook_id, &record.id), &[])?;
         }
-        self.inner
-            .lanes
-            .insert(lane_key(webhook_id, mode), serde_json::to_vec(lane)?)?;
-        Ok(())
-    }
-
-    /// Writes one delivery record.
-    pub fn save_delivery(&self, r: &DeliveryRecord) -> Result<()> {
-        self.inner
-            .lanes
-            .insert(delivery_key(&r.webhook_id, &r.id), serde_json::to_vec(r)?)?;
-        Ok(())
+        self.inner.lanes.insert(
+            finished_key(
+                finished_class(record.state),
+                record.finish_time_ms,
+                &record.webhook_id,
+                &record.id,
+            ),
+            &[],
+        )?;
+        self.put_record(record)
     }
 
     /// One delivery record.
@@ -128,7 +769,7 @@ impl Store {
         match self
             .inner
             .lanes
-            .get(delivery_key(webhook_id, delivery_id))?
+            .get(keyed(DELIVERY, webhook_id, delivery_id))?
         {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
@@ -144,9 +785,9 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<DeliveryPage> {
-        let prefix = delivery_prefix(webhook_id);
+        let prefix = webhook_prefix(DELIVERY, webhook_id);
         let end = match after {
-            Some(id) => delivery_key(webhook_id, id),
+            Some(id) => keyed(DELIVERY, webhook_id, id),
             None => {
                 let mut e = prefix.clone();
                 e.push(0xff);
@@ -173,144 +814,381 @@ impl Store {
         })
     }
 
-    /// Queues copies of past deliveries on their lanes. Returns the new records.
-    pub fn requeue(
+    /// Queues copies of the named deliveries (any state) on their lanes, or,
+    /// with `ids` None, of every DEAD delivery no such call requeued yet
+    /// (each at most once). The copies keep their events with them. All or
+    /// none for named deliveries: one that is unknown, or whose events are
+    /// no longer stored, fails the call before anything is queued. Returns
+    /// how many were queued; `progress(done, total)` is called after each 1000.
+    pub fn redeliver(
         &self,
         webhook_id: &str,
-        originals: &[DeliveryRecord],
+        ids: Option<&[String]>,
         now_ms: i64,
-    ) -> Result<Vec<DeliveryRecord>> {
-        let mut batch = sled::Batch::default();
-        let mut created = Vec::with_capacity(originals.len());
-        for o in originals {
-            let copy = DeliveryRecord {
-                id: crate::domain::ids::new_id(crate::domain::ids::DELIVERY_PREFIX),
-                state: DeliveryState::Pending,
-                attempts: Vec::new(),
-                attempt_count: 0,
-                first_attempt_ms: 0,
-                next_attempt_ms: 0,
-                create_time_ms: now_ms,
-                redelivery: true,
-                ..o.clone()
-            };
-            batch.insert(
-                delivery_key(webhook_id, &copy.id),
-                serde_json::to_vec(&copy)?,
-            );
-            batch.insert(requeued_key(webhook_id, o.mode, &copy.id), &[]);
-            created.push(copy);
-        }
-        self.inner.lanes.apply_batch(batch)?;
-        Ok(created)
-    }
-
-    /// The oldest requeued delivery of a lane, if any.
-    pub fn next_requeued(&self, webhook_id: &str, mode: ModeTag) -> Result<Option<String>> {
-        let prefix = requeued_key(webhook_id, mode, "");
-        match self.inner.lanes.scan_prefix(&prefix).next() {
-            Some(item) => {
-                let (k, _) = item?;
-                Ok(Some(
-                    String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
-                ))
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<usize> {
+        let mut originals = Vec::new();
+        match ids {
+            Some(ids) => {
+                for id in ids {
+                    let r = self
+                        .delivery(webhook_id, id)?
+                        .ok_or_else(|| Error::NotFound(format!("delivery {id}")))?;
+                    let events = self.events_of(&r)?;
+                    if events.len() < r.seqs.len() || events.is_empty() {
+                        return Err(Error::FailedPrecondition(format!(
+                            "delivery {id}: its events are no longer stored (older than \
+                             delivery.retention_ms, or expired)"
+                        )));
+                    }
+                    originals.push((r, events));
+                }
             }
-            None => Ok(None),
-        }
-    }
-
-    /// Makes a requeued delivery the lane's head, atomically.
-    pub fn take_requeued(
-        &self,
-        webhook_id: &str,
-        mode: ModeTag,
-        lane: &LaneState,
-        delivery_id: &str,
-    ) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        batch.insert(lane_key(webhook_id, mode), serde_json::to_vec(lane)?);
-        batch.remove(requeued_key(webhook_id, mode, delivery_id));
-        self.inner.lanes.apply_batch(batch)?;
-        Ok(())
-    }
-
-    /// Removes finished delivery records created before `before_ms`, at most
-    /// `limit`. Returns how many were removed.
-    pub fn purge_deliveries(&self, before_ms: i64, limit: usize) -> Result<usize> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for item in self.inner.lanes.range(vec![DELIVERY]..vec![DELIVERY + 1]) {
-            let (k, v) = item?;
-            let r: DeliveryRecord = serde_json::from_slice(&v)?;
-            if r.create_time_ms < before_ms && r.state.is_final() {
-                batch.remove(k);
-                n += 1;
-                if n >= limit {
-                    break;
+            None => {
+                for item in self
+                    .inner
+                    .lanes
+                    .scan_prefix(webhook_prefix(DEAD_INDEX, webhook_id))
+                {
+                    let (k, _) = item?;
+                    let id = String::from_utf8_lossy(&k[webhook_id.len() + 2..]).into_owned();
+                    match self.delivery(webhook_id, &id)? {
+                        Some(r) if r.state == DeliveryState::Dead && !r.redelivered => {
+                            let events = self.events_of(&r)?;
+                            if !events.is_empty() {
+                                originals.push((r, events));
+                                continue;
+                            }
+                            self.inner.lanes.remove(k)?;
+                        }
+                        // Not dead (a crash between index and record) or
+                        // requeued already: drop the stale entry.
+                        _ => {
+                            self.inner.lanes.remove(k)?;
+                        }
+                    }
                 }
             }
         }
-        if n > 0 {
+        let bulk = ids.is_none();
+        for (n, chunk) in originals.chunks(1000).enumerate() {
+            let mut batch = sled::Batch::default();
+            for (original, events) in chunk {
+                let mut copy = DeliveryRecord::new(
+                    original.account_id,
+                    webhook_id,
+                    original.mode,
+                    original
+                        .seqs
+                        .iter()
+                        .copied()
+                        .zip(original.event_ids.iter().cloned()),
+                    now_ms,
+                );
+                copy.redelivery = true;
+                copy.events_kept = true;
+                batch.insert(keyed(PAYLOAD, webhook_id, &copy.id), encode_payload(events));
+                batch.insert(
+                    keyed(DELIVERY, webhook_id, &copy.id),
+                    serde_json::to_vec(&copy)?,
+                );
+                batch.insert(requeued_key(webhook_id, copy.mode, &copy.id), &[]);
+                if bulk {
+                    let mut o = original.clone();
+                    o.redelivered = true;
+                    batch.insert(keyed(DELIVERY, webhook_id, &o.id), serde_json::to_vec(&o)?);
+                    batch.remove(keyed(DEAD_INDEX, webhook_id, &o.id));
+                }
+            }
+            // Under the lanes' locks, so their tallies count each exactly once.
+            let slots: Vec<_> = [ModeTag::Realtime, ModeTag::Batch]
+                .into_iter()
+                .filter_map(|m| self.inner.lane_registry.slot(webhook_id, m).map(|s| (m, s)))
+                .collect();
+            let held: Vec<_> = slots
+                .iter()
+                .map(|(m, s)| (*m, s.lock().unwrap_or_else(|p| p.into_inner())))
+                .collect();
             self.inner.lanes.apply_batch(batch)?;
+            for (m, slot) in &held {
+                let n = chunk.iter().filter(|(o, _)| o.mode == *m).count();
+                if slot.tally.seeded() {
+                    slot.tally.requeued.fetch_add(n as i64, Ordering::AcqRel);
+                }
+            }
+            drop(held);
+            progress(n * 1000 + chunk.len(), originals.len());
+        }
+        Ok(originals.len())
+    }
+
+    /// Requeued deliveries waiting in a lane.
+    pub fn requeued_count(&self, webhook_id: &str, mode: ModeTag) -> u64 {
+        self.inner
+            .lanes
+            .scan_prefix(requeued_key(webhook_id, mode, ""))
+            .count() as u64
+    }
+
+    /// Makes sure nothing older than `horizon` in the log is still needed by
+    /// the lane, under its lock: a head that depends on the log keeps its
+    /// events from now on, and the lane's events after its cursor up to
+    /// `horizon` leave it in EXPIRED records. Returns how many expired.
+    pub(super) fn expire_lane(
+        &self,
+        key: &LaneKey,
+        filter: &LaneFilter,
+        horizon: u64,
+        now_ms: i64,
+    ) -> Result<u64> {
+        let registry = &self.inner.lane_registry;
+        let slot = registry.slot_of(key);
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if registry.is_deleted(&key.webhook_id) {
+            return Ok(0);
+        }
+        let mut state = self.lane_state(&mut slot, key)?;
+        if let Some(head) = &state.head {
+            if let Some(mut r) = self.delivery(&key.webhook_id, head)? {
+                let needs_log = !r.state.is_final()
+                    && !r.events_kept
+                    && r.seqs.first().is_some_and(|s| *s <= horizon);
+                if needs_log {
+                    let events = self.events_at(key.account_id, &r.seqs)?;
+                    self.keep_events(&mut r, &events)?;
+                    self.put_record(&r)?;
+                }
+            }
+        }
+        if state.cursor >= horizon {
+            return Ok(0);
+        }
+        let read = self.read_for_lane(
+            key.account_id,
+            state.cursor,
+            horizon,
+            filter,
+            usize::MAX,
+            usize::MAX,
+        )?;
+        let expired = read.events.len() as u64;
+        for group in read.events.chunks(MAX_IDS_PER_EXPIRED) {
+            let mut r = DeliveryRecord::new(
+                key.account_id,
+                &key.webhook_id,
+                key.mode,
+                group.iter().map(|e| (e.seq, e.event_id.clone())),
+                now_ms,
+            );
+            r.finish(DeliveryState::Expired, now_ms);
+            self.record_finished(&mut r, &[])?;
+        }
+        state.cursor = horizon;
+        self.put_lane(key, &state)?;
+        slot.state = Some(state);
+        slot.tally.sub_pending(expired);
+        if expired > 0 {
+            tracing::warn!(
+                account_id = key.account_id,
+                webhook_id = %key.webhook_id,
+                mode = ?key.mode,
+                expired,
+                "undelivered events older than delivery.retention_ms left the lane as EXPIRED"
+            );
+        }
+        Ok(expired)
+    }
+
+    /// Removes finished records whose retention has passed (delivered after
+    /// `delivered_keep_ms`, dead or expired after `dead_keep_ms`), at most
+    /// `limit` index entries; returns how many were handled.
+    pub(super) fn purge_finished(
+        &self,
+        now_ms: i64,
+        delivered_keep_ms: i64,
+        dead_keep_ms: i64,
+        limit: usize,
+    ) -> Result<usize> {
+        let mut handled = 0;
+        for (class, keep) in [(b'd', delivered_keep_ms), (b'x', dead_keep_ms)] {
+            let cutoff = now_ms.saturating_sub(keep);
+            let start = vec![FINISHED, class];
+            let end = finished_key(class, cutoff, "", "");
+            for item in self.inner.lanes.range(start..end) {
+                if handled >= limit {
+                    return Ok(handled);
+                }
+                let (k, _) = item?;
+                handled += 1;
+                if let Some((webhook_id, id)) = parse_finished_key(&k) {
+                    if let Some(r) = self.delivery(&webhook_id, &id)? {
+                        if r.state.is_final() && r.finish_time_ms <= cutoff {
+                            self.inner.lanes.remove(keyed(PAYLOAD, &webhook_id, &id))?;
+                            self.inner
+                                .lanes
+                                .remove(keyed(DEAD_INDEX, &webhook_id, &id))?;
+                            self.inner.lanes.remove(keyed(DELIVERY, &webhook_id, &id))?;
+                        }
+                    }
+                }
+                self.inner.lanes.remove(k)?;
+            }
+        }
+        Ok(handled)
+    }
+
+    /// Removes up to `limit` leftover keys of deleted webhooks; a webhook's
+    /// tombstone goes with its last key. Returns how many were removed.
+    pub(super) fn clean_deleted(&self, limit: usize) -> Result<usize> {
+        let mut removed = 0;
+        for item in self.inner.lanes.scan_prefix([DELETED]) {
+            let (tomb, _) = item?;
+            let webhook_id = String::from_utf8_lossy(&tomb[1..]).into_owned();
+            let mut left = false;
+            for kind in [DELIVERY, PAYLOAD, REQUEUED, DEAD_INDEX, LANE] {
+                for k in self
+                    .inner
+                    .lanes
+                    .scan_prefix(webhook_prefix(kind, &webhook_id))
+                    .keys()
+                {
+                    if removed >= limit {
+                        left = true;
+                        break;
+                    }
+                    self.inner.lanes.remove(k?)?;
+                    removed += 1;
+                }
+            }
+            if left {
+                return Ok(removed);
+            }
+            self.inner.lanes.remove(tomb)?;
+        }
+        Ok(removed)
+    }
+
+    /// Loads the tombstones of deleted webhooks (at open).
+    pub(super) fn load_deleted(&self) -> Result<()> {
+        let mut deleted = self
+            .inner
+            .lane_registry
+            .deleted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for item in self.inner.lanes.scan_prefix([DELETED]).keys() {
+            deleted.insert(String::from_utf8_lossy(&item?[1..]).into_owned());
+        }
+        Ok(())
+    }
+
+    /// The lanes-tree part of deleting a webhook, inside the deletion's
+    /// transaction: its lane states go, the tombstone comes.
+    pub(super) fn delete_lanes_in(
+        lanes: &sled::transaction::TransactionalTree,
+        webhook_id: &str,
+    ) -> std::result::Result<(), sled::transaction::UnabortableTransactionError> {
+        for mode in [ModeTag::Realtime, ModeTag::Batch] {
+            lanes.remove(lane_key(webhook_id, mode))?;
+        }
+        lanes.insert(deleted_key(webhook_id), &[])?;
+        Ok(())
+    }
+
+    /// After the deletion's transaction: no lane of `webhook_id` runs again.
+    /// Takes each lane's lock, so an operation in progress finishes first.
+    pub(super) fn forget_lanes(&self, webhook_id: &str) {
+        let registry = &self.inner.lane_registry;
+        let slots: Vec<_> = [ModeTag::Realtime, ModeTag::Batch]
+            .into_iter()
+            .filter_map(|m| registry.slot(webhook_id, m))
+            .collect();
+        let _held: Vec<_> = slots
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        registry.mark_deleted(webhook_id);
+    }
+
+    /// Whether `webhook_id` was deleted.
+    pub fn is_deleted(&self, webhook_id: &str) -> bool {
+        self.inner.lane_registry.is_deleted(webhook_id)
+    }
+
+    /// Schema 3: indexes finished records of older folders by finish time
+    /// (their creation time, the best known) and dead ones for redelivery.
+    pub(super) fn index_old_records(lanes: &sled::Tree) -> Result<u64> {
+        let mut n = 0;
+        for item in lanes.range(vec![DELIVERY]..vec![DELIVERY + 1]) {
+            let (_, v) = item?;
+            let mut r: DeliveryRecord = serde_json::from_slice(&v)?;
+            if !r.state.is_final() {
+                continue;
+            }
+            if r.finish_time_ms == 0 {
+                r.finish_time_ms = r.create_time_ms;
+            }
+            let mut batch = sled::Batch::default();
+            batch.insert(
+                finished_key(
+                    finished_class(r.state),
+                    r.finish_time_ms,
+                    &r.webhook_id,
+                    &r.id,
+                ),
+                &[],
+            );
+            if r.state == DeliveryState::Dead {
+                batch.insert(keyed(DEAD_INDEX, &r.webhook_id, &r.id), &[]);
+            }
+            batch.insert(
+                keyed(DELIVERY, &r.webhook_id, &r.id),
+                serde_json::to_vec(&r)?,
+            );
+            lanes.apply_batch(batch)?;
+            n += 1;
         }
         Ok(n)
     }
+}
 
-    /// The lane's head delivery if it is not finished yet.
-    pub fn unfinished_head(
-        &self,
-        webhook_id: &str,
-        lane: &LaneState,
-    ) -> Result<Option<DeliveryRecord>> {
-        match &lane.head {
-            Some(h) => Ok(self
-                .delivery(webhook_id, h)?
-                .filter(|r| !r.state.is_final())),
-            None => Ok(None),
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_payloads_round_trip() {
+        let events = vec![
+            StoredEvent {
+                seq: 7,
+                event_id: "e7".into(),
+                event_name: "COURSE_ENROLLMENT".into(),
+                ingest_time_ms: 99,
+                mode: Some(Mode::Batch),
+                json: "{\"a\":1}".into(),
+            },
+            StoredEvent {
+                seq: 9,
+                event_id: "e9".into(),
+                event_name: "X".into(),
+                ingest_time_ms: -1,
+                mode: None,
+                json: String::new(),
+            },
+        ];
+        let v = encode_payload(&events);
+        assert_eq!(decode_payload(&v).unwrap(), events);
+        assert!(decode_payload(&v[..v.len() - 1]).is_err());
     }
 
-    /// Lowest cursor among the lanes of the given webhooks (None: no lanes).
-    pub fn min_cursor(&self, webhook_ids: &[String]) -> Result<Option<u64>> {
-        let mut min: Option<u64> = None;
-        for id in webhook_ids {
-            for mode in [ModeTag::Realtime, ModeTag::Batch] {
-                if let Some(l) = self.lane(id, mode)? {
-                    // A lane with an unfinished head or requeued work may
-                    // still need older events. (A stored head may be a
-                    // finished delivery: lanes do not rewrite their state
-                    // when a delivery ends.)
-                    let unfinished_head = self.unfinished_head(id, &l)?.is_some();
-                    let c = if unfinished_head || self.next_requeued(id, mode)?.is_some() {
-                        0
-                    } else {
-                        l.cursor
-                    };
-                    min = Some(min.map_or(c, |m| m.min(c)));
-                }
-            }
-        }
-        Ok(min)
-    }
-
-    pub(super) fn remove_lanes_and_deliveries(&self, webhook_id: &str) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for mode in [ModeTag::Realtime, ModeTag::Batch] {
-            batch.remove(lane_key(webhook_id, mode));
-        }
-        for item in self.inner.lanes.scan_prefix(delivery_prefix(webhook_id)) {
-            batch.remove(item?.0);
-        }
-        for mode in [ModeTag::Realtime, ModeTag::Batch] {
-            for item in self
-                .inner
-                .lanes
-                .scan_prefix(requeued_key(webhook_id, mode, ""))
-            {
-                batch.remove(item?.0);
-            }
-        }
-        self.inner.lanes.apply_batch(batch)?;
-        Ok(())
+    #[test]
+    fn finished_keys_parse_back() {
+        let k = finished_key(b'd', 1234, "wh_a", "msg_b");
+        assert_eq!(
+            parse_finished_key(&k),
+            Some(("wh_a".to_string(), "msg_b".to_string()))
+        );
+        // Keys sort by finish time within a class.
+        assert!(finished_key(b'd', 5, "wh_z", "m") < finished_key(b'd', 6, "wh_a", "m"));
     }
 }

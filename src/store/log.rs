@@ -6,12 +6,17 @@
 //! log inserts. Events in a chunk have consecutive sequence numbers starting
 //! at the key's.
 //!
-//! Chunk: ingest_ms(8) ‖ count(4) ‖ count × [name_len(1) ‖ name ‖ id_len(1)
-//! ‖ id ‖ json_len(4) ‖ json], integers big-endian.
+//! Chunk: ingest_ms(8) ‖ count(4) ‖ count × [name_len(1) ‖ name ‖ mode(1)
+//! ‖ id_len(1) ‖ id ‖ json_len(4) ‖ json], integers big-endian. `mode` is
+//! the delivery mode the event was published with (`r` or `b`); it is
+//! present when the top bit of `count` is set (schema 3). Chunks written by
+//! schema 2 have no mode bytes; their events fall back to the catalog.
 
 use std::collections::HashSet;
 
 use super::{account_key, be_u64, Store};
+use crate::domain::catalog::Mode;
+use crate::domain::delivery::LaneFilter;
 use crate::domain::event::{NewEvent, StoredEvent};
 use crate::error::{Error, Result};
 
@@ -20,6 +25,8 @@ const INDEX: u8 = b'i';
 const HIGH_WATER: &[u8] = b"m";
 /// Bytes before a chunk's first event.
 const CHUNK_HEADER: usize = 12;
+/// Set in a chunk's count when each event carries its mode byte.
+const MODES: u32 = 0x8000_0000;
 
 /// In-memory state guarded by the append lock.
 pub(super) struct AppendState {
@@ -50,6 +57,20 @@ pub struct AppendOutcome {
     pub duplicate: bool,
 }
 
+/// The result of [`Store::append_events`].
+#[derive(Debug)]
+pub struct Appended {
+    /// One per event, in request order.
+    pub outcomes: Vec<AppendOutcome>,
+    /// Sequence number of the first event stored (the others follow it in
+    /// order, duplicates skipped); meaningless when none was stored.
+    pub first_seq: u64,
+    /// Highest sequence number in the log after the append.
+    pub last_seq: u64,
+    /// The request's events, handed back.
+    pub events: Vec<NewEvent>,
+}
+
 /// Key of the chunk whose first event has sequence number `seq`.
 pub(super) fn event_key(account_id: u64, seq: u64) -> [u8; 17] {
     let mut k = [0u8; 17];
@@ -67,9 +88,13 @@ fn index_key(account_id: u64, event_id: &str) -> Vec<u8> {
     k
 }
 
-/// Chunks stay near this size: large values make sled write whole pages
-/// out of line (blobs), and a lane that needs one event decodes its chunk.
+/// Chunks stay near this size: a lane that needs one event decodes its chunk.
 const CHUNK_TARGET_BYTES: usize = 16 * 1024;
+
+/// Bytes an event takes in a chunk.
+fn chunk_bytes(e: &NewEvent) -> usize {
+    7 + e.event_name.len() + e.event_id.len() + e.json.len()
+}
 
 /// Splits a request's new events into chunks of about [`CHUNK_TARGET_BYTES`]
 /// (an event larger than that is a chunk of its own).
@@ -82,7 +107,7 @@ fn chunks_of<'a>(events: &'a [&'a NewEvent]) -> impl Iterator<Item = &'a [&'a Ne
         let mut size = 0;
         let mut n = 0;
         for e in rest {
-            size += 6 + e.event_name.len() + e.event_id.len() + e.json.len();
+            size += chunk_bytes(e);
             if n > 0 && size > CHUNK_TARGET_BYTES {
                 break;
             }
@@ -94,21 +119,27 @@ fn chunks_of<'a>(events: &'a [&'a NewEvent]) -> impl Iterator<Item = &'a [&'a Ne
     })
 }
 
-/// Builds a chunk of `events` (names and ids are at most 255 bytes: validated at ingest).
+fn mode_byte(m: Mode) -> u8 {
+    match m {
+        Mode::Realtime => b'r',
+        Mode::Batch => b'b',
+    }
+}
+
+/// Builds a chunk of `events`, each with its mode (names and ids are at
+/// most 255 bytes: validated at ingest).
 pub(super) fn encode_chunk<'a>(
     ingest_ms: i64,
     events: impl ExactSizeIterator<Item = &'a NewEvent> + Clone,
 ) -> Vec<u8> {
-    let size: usize = events
-        .clone()
-        .map(|e| 6 + e.event_name.len() + e.event_id.len() + e.json.len())
-        .sum();
+    let size: usize = events.clone().map(chunk_bytes).sum();
     let mut v = Vec::with_capacity(CHUNK_HEADER + size);
     v.extend_from_slice(&ingest_ms.to_be_bytes());
-    v.extend_from_slice(&(events.len() as u32).to_be_bytes());
+    v.extend_from_slice(&(events.len() as u32 | MODES).to_be_bytes());
     for e in events {
         v.push(e.event_name.len() as u8);
         v.extend_from_slice(e.event_name.as_bytes());
+        v.push(mode_byte(e.mode));
         v.push(e.event_id.len() as u8);
         v.extend_from_slice(e.event_id.as_bytes());
         v.extend_from_slice(&(e.json.len() as u32).to_be_bytes());
@@ -117,21 +148,40 @@ pub(super) fn encode_chunk<'a>(
     v
 }
 
+/// Builds a schema-2 chunk (no modes) of (name, id, json); for the
+/// conversion from schema 1, which knew no modes either.
+fn encode_chunk_without_modes(ingest_ms: i64, events: &[(&str, &str, &str)]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&ingest_ms.to_be_bytes());
+    v.extend_from_slice(&(events.len() as u32).to_be_bytes());
+    for (name, id, json) in events {
+        v.push(name.len() as u8);
+        v.extend_from_slice(name.as_bytes());
+        v.push(id.len() as u8);
+        v.extend_from_slice(id.as_bytes());
+        v.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        v.extend_from_slice(json.as_bytes());
+    }
+    v
+}
+
 /// One event inside a chunk, borrowed from it.
 pub(super) struct EventRef<'a> {
     pub ingest_ms: i64,
     pub name: &'a str,
+    pub mode: Option<Mode>,
     pub id: &'a str,
     pub json: &'a str,
 }
 
 impl EventRef<'_> {
-    fn to_stored(&self, seq: u64) -> StoredEvent {
+    pub(super) fn to_stored(&self, seq: u64) -> StoredEvent {
         StoredEvent {
             seq,
             event_id: self.id.to_string(),
             event_name: self.name.to_string(),
             ingest_time_ms: self.ingest_ms,
+            mode: self.mode,
             json: self.json.to_string(),
         }
     }
@@ -141,21 +191,26 @@ fn corrupt() -> Error {
     Error::Internal("corrupt event log chunk".into())
 }
 
-/// (ingest_ms, number of events) of a chunk.
-pub(super) fn chunk_header(v: &[u8]) -> Result<(i64, u64)> {
+/// (ingest_ms, number of events, whether events carry their mode) of a chunk.
+fn chunk_layout(v: &[u8]) -> Result<(i64, u64, bool)> {
     let ingest = i64::from_be_bytes(
         v.get(..8)
             .ok_or_else(corrupt)?
             .try_into()
             .map_err(|_| corrupt())?,
     );
-    let count = u32::from_be_bytes(
+    let raw = u32::from_be_bytes(
         v.get(8..12)
             .ok_or_else(corrupt)?
             .try_into()
             .map_err(|_| corrupt())?,
     );
-    Ok((ingest, u64::from(count)))
+    Ok((ingest, u64::from(raw & !MODES), raw & MODES != 0))
+}
+
+/// (ingest_ms, number of events) of a chunk.
+pub(super) fn chunk_header(v: &[u8]) -> Result<(i64, u64)> {
+    chunk_layout(v).map(|(ingest, count, _)| (ingest, count))
 }
 
 /// Calls `f(index, event)` for each event of a chunk, from the first with
@@ -166,12 +221,23 @@ pub(super) fn for_each_in_chunk(
     skip: u64,
     mut f: impl FnMut(u64, EventRef<'_>) -> Result<bool>,
 ) -> Result<()> {
-    let (ingest_ms, count) = chunk_header(v)?;
+    let (ingest_ms, count, modes) = chunk_layout(v)?;
     let mut at = CHUNK_HEADER;
     for i in 0..count {
         let nl = *v.get(at).ok_or_else(corrupt)? as usize;
         let name = v.get(at + 1..at + 1 + nl).ok_or_else(corrupt)?;
         at += 1 + nl;
+        let mode = if modes {
+            let m = match v.get(at) {
+                Some(b'r') => Mode::Realtime,
+                Some(b'b') => Mode::Batch,
+                _ => return Err(corrupt()),
+            };
+            at += 1;
+            Some(m)
+        } else {
+            None
+        };
         let il = *v.get(at).ok_or_else(corrupt)? as usize;
         let id = v.get(at + 1..at + 1 + il).ok_or_else(corrupt)?;
         at += 1 + il;
@@ -190,6 +256,7 @@ pub(super) fn for_each_in_chunk(
         let event = EventRef {
             ingest_ms,
             name: utf8(name)?,
+            mode,
             id: utf8(id)?,
             json: utf8(json)?,
         };
@@ -229,18 +296,9 @@ pub(super) fn migrate_v1(log: &sled::Tree) -> Result<u64> {
         let il = *v.get(9 + nl).ok_or_else(corrupt)? as usize;
         let id = v.get(10 + nl..10 + nl + il).ok_or_else(corrupt)?;
         let json = v.get(10 + nl + il..).ok_or_else(corrupt)?;
-        let utf8 = |b: &[u8]| {
-            std::str::from_utf8(b)
-                .map(str::to_owned)
-                .map_err(|_| corrupt())
-        };
-        let e = NewEvent {
-            event_id: utf8(id)?,
-            event_name: utf8(name)?,
-            timestamp_ms: 0,
-            json: utf8(json)?,
-        };
-        batch.insert(k.clone(), encode_chunk(ingest, std::iter::once(&e)));
+        let utf8 = |b| std::str::from_utf8(b).map_err(|_| corrupt());
+        let chunk = encode_chunk_without_modes(ingest, &[(utf8(name)?, utf8(id)?, utf8(json)?)]);
+        batch.insert(k.clone(), chunk);
         batch.insert(MIGRATE_PROGRESS, k);
         n += 1;
         if n % 1000 == 0 {
@@ -257,68 +315,107 @@ pub(super) fn migration_finished(log: &sled::Tree) -> Result<()> {
     Ok(())
 }
 
+/// What a lane read found: see [`Store::read_for_lane`].
+pub(super) struct LaneRead {
+    /// The events the lane takes, oldest first.
+    pub events: Vec<StoredEvent>,
+    /// The last sequence number examined; the cursor may move there.
+    pub scanned_to: u64,
+}
+
 impl Store {
     /// Appends events to the account's log, all or none, skipping ids already
-    /// present. Durable when it returns Ok (group commit). Returns one outcome
-    /// per event and the highest sequence number now in the log.
+    /// present. Durable when it returns Ok (group commit). The locked part
+    /// runs on a blocking thread, not on the caller's async worker.
     pub async fn append_events(
         &self,
         account_id: u64,
-        events: &[NewEvent],
+        events: Vec<NewEvent>,
         ingest_ms: i64,
-    ) -> Result<(Vec<AppendOutcome>, u64)> {
-        let (outcomes, last_seq, ticket) = {
-            let mut state = self
-                .inner
-                .append_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let mut batch = sled::Batch::default();
-            let first = state.last_seq + 1;
-            let mut seen_here = HashSet::with_capacity(events.len());
-            let mut outcomes = Vec::with_capacity(events.len());
-            let mut fresh = Vec::with_capacity(events.len());
-            for e in events {
-                let ikey = index_key(account_id, &e.event_id);
-                let duplicate =
-                    !seen_here.insert(e.event_id.as_str()) || self.inner.log.contains_key(&ikey)?;
-                if !duplicate {
-                    let seq = first + fresh.len() as u64;
-                    batch.insert(ikey, &seq.to_be_bytes());
-                    fresh.push(e);
-                }
-                outcomes.push(AppendOutcome {
-                    event_id: e.event_id.clone(),
-                    duplicate,
-                });
-            }
-            let mut seq = state.last_seq;
-            if !fresh.is_empty() {
-                let mut chunk_first = first;
-                for chunk in chunks_of(&fresh) {
-                    batch.insert(
-                        &event_key(account_id, chunk_first),
-                        encode_chunk(ingest_ms, chunk.iter().copied()),
-                    );
-                    chunk_first += chunk.len() as u64;
-                }
-                seq += fresh.len() as u64;
-                batch.insert(HIGH_WATER, &seq.to_be_bytes());
-                self.inner
-                    .log
-                    .apply_batch(batch)
-                    .inspect_err(|e| self.inner.commit.note_error(e))?;
-                state.last_seq = seq;
-            }
-            (outcomes, seq, self.inner.commit.ticket())
-        };
+    ) -> Result<Appended> {
+        let store = self.clone();
+        let (outcomes, first_seq, last_seq, ticket, events) =
+            tokio::task::spawn_blocking(move || {
+                let r = store.append_locked(account_id, &events, ingest_ms);
+                r.map(|(o, f, l, t)| (o, f, l, t, events))
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("append task: {e}")))??;
         self.inner.commit.durable(ticket).await?;
         // Tickets and sequence numbers are handed out in the same order under
         // the append lock, so everything up to `last_seq` is durable now.
         self.inner
             .durable_seq
             .fetch_max(last_seq, std::sync::atomic::Ordering::AcqRel);
-        Ok((outcomes, last_seq))
+        let fresh: Vec<&NewEvent> = events
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| !o.duplicate)
+            .map(|(e, _)| e)
+            .collect();
+        if !fresh.is_empty() {
+            self.tally_appended(account_id, first_seq, &fresh);
+        }
+        Ok(Appended {
+            outcomes,
+            first_seq,
+            last_seq,
+            events,
+        })
+    }
+
+    /// The part of an append under the append lock: duplicates, sequence
+    /// numbers, one sled batch; returns the outcomes, the first and last
+    /// sequence numbers and the group-commit ticket to wait for.
+    fn append_locked(
+        &self,
+        account_id: u64,
+        events: &[NewEvent],
+        ingest_ms: i64,
+    ) -> Result<(Vec<AppendOutcome>, u64, u64, u64)> {
+        let mut state = self
+            .inner
+            .append_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut batch = sled::Batch::default();
+        let first = state.last_seq + 1;
+        let mut seen_here = HashSet::with_capacity(events.len());
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut fresh = Vec::with_capacity(events.len());
+        for e in events {
+            let ikey = index_key(account_id, &e.event_id);
+            let duplicate =
+                !seen_here.insert(e.event_id.as_str()) || self.inner.log.contains_key(&ikey)?;
+            if !duplicate {
+                let seq = first + fresh.len() as u64;
+                batch.insert(ikey, &seq.to_be_bytes());
+                fresh.push(e);
+            }
+            outcomes.push(AppendOutcome {
+                event_id: e.event_id.clone(),
+                duplicate,
+            });
+        }
+        let mut seq = state.last_seq;
+        if !fresh.is_empty() {
+            let mut chunk_first = first;
+            for chunk in chunks_of(&fresh) {
+                batch.insert(
+                    &event_key(account_id, chunk_first),
+                    encode_chunk(ingest_ms, chunk.iter().copied()),
+                );
+                chunk_first += chunk.len() as u64;
+            }
+            seq += fresh.len() as u64;
+            batch.insert(HIGH_WATER, &seq.to_be_bytes());
+            self.inner
+                .log
+                .apply_batch(batch)
+                .inspect_err(|e| self.inner.commit.note_error(e))?;
+            state.last_seq = seq;
+        }
+        Ok((outcomes, first, seq, self.inner.commit.ticket()))
     }
 
     /// Highest sequence number known durable. A lane delivers nothing past
@@ -327,15 +424,6 @@ impl Store {
         self.inner
             .durable_seq
             .load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Highest sequence number in the log.
-    pub fn last_seq(&self) -> u64 {
-        self.inner
-            .append_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .last_seq
     }
 
     /// Calls `f(seq, event)` for each event of `account_id` after
@@ -386,38 +474,68 @@ impl Store {
         }
     }
 
-    /// Reads up to `limit` durable events of `account_id` after `after_seq`
-    /// whose name is in `types`, examining at most `scan_limit` events.
-    /// Returns them and the last sequence number examined (a cursor may move
-    /// past it).
-    pub fn read_events(
+    /// Reads, for a lane, up to `limit` durable events of `account_id` after
+    /// `after_seq` that `filter` accepts and no further than `until_seq`,
+    /// examining at most `scan_limit` events.
+    pub(super) fn read_for_lane(
         &self,
         account_id: u64,
         after_seq: u64,
-        types: &HashSet<String>,
+        until_seq: u64,
+        filter: &LaneFilter,
         limit: usize,
         scan_limit: usize,
-    ) -> Result<(Vec<StoredEvent>, u64)> {
-        let durable = self.durable_seq();
-        let mut out = Vec::new();
+    ) -> Result<LaneRead> {
+        let until = until_seq.min(self.durable_seq());
+        let mut events = Vec::new();
         let mut scanned_to = after_seq;
         let mut examined = 0;
         self.visit_events(account_id, after_seq, |seq, e| {
-            if examined >= scan_limit || out.len() >= limit || seq > durable {
+            if examined >= scan_limit || events.len() >= limit || seq > until {
                 return Ok(false);
             }
             examined += 1;
             scanned_to = seq;
-            if types.contains(e.name) {
-                out.push(e.to_stored(seq));
+            if filter.accepts(e.name, e.mode) {
+                events.push(e.to_stored(seq));
             }
             Ok(true)
         })?;
-        Ok((out, scanned_to))
+        Ok(LaneRead { events, scanned_to })
     }
 
-    /// The events at the given positions (missing ones, already purged, skipped).
-    pub fn events_at(&self, account_id: u64, seqs: &[u64]) -> Result<Vec<StoredEvent>> {
+    /// Counts the events after `after_seq` up to `until_seq` that `filter`
+    /// accepts, examining at most `scan_limit`; true when it stopped there.
+    pub(super) fn count_for_lane(
+        &self,
+        account_id: u64,
+        after_seq: u64,
+        until_seq: u64,
+        filter: &LaneFilter,
+        scan_limit: usize,
+    ) -> Result<(u64, bool)> {
+        let mut n = 0;
+        let mut examined = 0;
+        let mut capped = false;
+        self.visit_events(account_id, after_seq, |seq, e| {
+            if seq > until_seq {
+                return Ok(false);
+            }
+            if examined >= scan_limit {
+                capped = true;
+                return Ok(false);
+            }
+            examined += 1;
+            if filter.accepts(e.name, e.mode) {
+                n += 1;
+            }
+            Ok(true)
+        })?;
+        Ok((n, capped))
+    }
+
+    /// The events at the given positions (missing ones, already trimmed, skipped).
+    pub(super) fn events_at(&self, account_id: u64, seqs: &[u64]) -> Result<Vec<StoredEvent>> {
         let mut out = Vec::with_capacity(seqs.len());
         let mut chunk: Option<(u64, u64, sled::IVec)> = None;
         for &seq in seqs {
@@ -440,54 +558,76 @@ impl Store {
         Ok(out)
     }
 
-    /// Ingest time of event `seq`, if stored.
-    pub(super) fn event_ingest_ms(&self, account_id: u64, seq: u64) -> Result<Option<i64>> {
-        match self.chunk_at(account_id, seq)? {
-            Some((_, v)) => Ok(Some(chunk_header(&v)?.0)),
-            None => Ok(None),
-        }
-    }
-
-    /// Removes whole chunks of `account_id` stored before `before_ms` whose
-    /// events all have a sequence number at most `max_seq` (every lane is
-    /// past them), oldest first, until at least `limit` events are removed.
-    /// Returns how many events were removed.
-    pub fn trim_events(
+    /// The last sequence number of the chunks of `account_id` stored before
+    /// `before_ms`, taking whole chunks oldest first until at least
+    /// `max_events` events are covered; None when no chunk is that old.
+    pub(super) fn trim_horizon(
         &self,
         account_id: u64,
         before_ms: i64,
-        max_seq: u64,
-        limit: usize,
-    ) -> Result<usize> {
-        let start = event_key(account_id, 0);
-        let end = event_key(account_id, max_seq);
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for item in self.inner.log.range(start..=end) {
-            if n >= limit {
+        max_events: u64,
+    ) -> Result<Option<u64>> {
+        let mut horizon = None;
+        let mut covered = 0;
+        let range = event_key(account_id, 0)..=event_key(account_id, u64::MAX);
+        for item in self.inner.log.range(range) {
+            if covered >= max_events {
                 break;
             }
             let (k, v) = item?;
             let first = be_u64(&k[9..])?;
             let (ingest, count) = chunk_header(&v)?;
-            if ingest >= before_ms || (first + count).saturating_sub(1) > max_seq {
+            if ingest >= before_ms {
                 break;
             }
+            covered += count;
+            horizon = Some(first + count.saturating_sub(1));
+        }
+        Ok(horizon)
+    }
+
+    /// Removes the chunks of `account_id` whose events all have a sequence
+    /// number at most `horizon`, with their idempotency keys: one small
+    /// batch per chunk, so sled's write lock is never held for long. Returns
+    /// how many events were removed.
+    pub(super) fn trim_through(&self, account_id: u64, horizon: u64) -> Result<u64> {
+        let range = event_key(account_id, 0)..=event_key(account_id, horizon);
+        let mut removed = 0;
+        for item in self.inner.log.range(range) {
+            let (k, v) = item?;
+            let first = be_u64(&k[9..])?;
+            let (_, count) = chunk_header(&v)?;
+            if (first + count).saturating_sub(1) > horizon {
+                break;
+            }
+            let mut batch = sled::Batch::default();
             for_each_in_chunk(&v, 0, |_, e| {
                 batch.remove(index_key(account_id, e.id));
                 Ok(true)
             })?;
             batch.remove(k);
-            n += count as usize;
-        }
-        if n > 0 {
             self.inner.log.apply_batch(batch)?;
+            removed += count;
         }
-        Ok(n)
+        Ok(removed)
+    }
+
+    /// Ingest time of the first chunk after `after_seq`, if any.
+    pub(super) fn first_ingest_after(
+        &self,
+        account_id: u64,
+        after_seq: u64,
+    ) -> Result<Option<i64>> {
+        let mut found = None;
+        self.visit_events(account_id, after_seq, |_, e| {
+            found = Some(e.ingest_ms);
+            Ok(false)
+        })?;
+        Ok(found)
     }
 
     /// Accounts that have events in the log.
-    pub fn accounts_with_events(&self) -> Result<Vec<u64>> {
+    pub(super) fn accounts_with_events(&self) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         let mut next = vec![EVENT];
         while let Some(item) = self.inner.log.range(next.clone()..vec![EVENT + 1]).next() {
@@ -510,35 +650,61 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn event(id: &str) -> NewEvent {
+    fn event(id: &str, mode: Mode) -> NewEvent {
         NewEvent {
             event_id: id.into(),
             event_name: "COURSE_ENROLLMENT".into(),
             timestamp_ms: 0,
+            mode,
             json: format!("{{\"eventId\":\"{id}\"}}"),
         }
     }
 
     #[test]
     fn chunk_round_trip_and_skip() {
-        let events = [event("a"), event("bb"), event("ccc")];
+        let events = [
+            event("a", Mode::Realtime),
+            event("bb", Mode::Batch),
+            event("ccc", Mode::Realtime),
+        ];
         let v = encode_chunk(42, events.iter());
         assert_eq!(chunk_header(&v).unwrap(), (42, 3));
         let mut seen = Vec::new();
         for_each_in_chunk(&v, 1, |i, e| {
-            seen.push((i, e.id.to_string(), e.json.to_string()));
+            seen.push((i, e.id.to_string(), e.mode, e.json.to_string()));
             Ok(true)
         })
         .unwrap();
         assert_eq!(
             seen,
             vec![
-                (1, "bb".to_string(), "{\"eventId\":\"bb\"}".to_string()),
-                (2, "ccc".to_string(), "{\"eventId\":\"ccc\"}".to_string()),
+                (
+                    1,
+                    "bb".to_string(),
+                    Some(Mode::Batch),
+                    "{\"eventId\":\"bb\"}".to_string()
+                ),
+                (
+                    2,
+                    "ccc".to_string(),
+                    Some(Mode::Realtime),
+                    "{\"eventId\":\"ccc\"}".to_string()
+                ),
             ]
         );
         // A truncated chunk is an error, not a panic.
         assert!(for_each_in_chunk(&v[..v.len() - 1], 0, |_, _| Ok(true)).is_err());
+    }
+
+    #[test]
+    fn schema_2_chunks_read_without_modes() {
+        let v = encode_chunk_without_modes(5, &[("NAME", "x", "{}")]);
+        assert_eq!(chunk_header(&v).unwrap(), (5, 1));
+        for_each_in_chunk(&v, 0, |_, e| {
+            assert_eq!((e.name, e.mode, e.id, e.json), ("NAME", None, "x", "{}"));
+            Ok(true)
+        })
+        .unwrap();
     }
 
     #[test]
@@ -558,15 +724,7 @@ mod tests {
         }
         // A crash after the first record: the marker says where to resume.
         let first = log.get(event_key(9, 1)).unwrap().unwrap();
-        let converted = encode_chunk(
-            7,
-            std::iter::once(&NewEvent {
-                event_id: "x1".into(),
-                event_name: "NAME".into(),
-                timestamp_ms: 0,
-                json: "{}".into(),
-            }),
-        );
+        let converted = encode_chunk_without_modes(7, &[("NAME", "x1", "{}")]);
         assert_ne!(first.as_ref(), converted.as_slice());
         log.insert(event_key(9, 1), converted.clone()).unwrap();
         log.insert(MIGRATE_PROGRESS, &event_key(9, 1)).unwrap();

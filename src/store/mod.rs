@@ -8,18 +8,22 @@
 //! - `webhooks`: account(8) ‖ webhook id → Webhook (JSON).
 //! - `secrets`: webhook id → SecretRecord (JSON).
 //! - `log`: `e` ‖ account(8) ‖ first seq(8) → chunk (the events of one
-//!   request, see `log.rs`); `i` ‖ account(8) ‖ event id → seq(8); `m` →
-//!   highest seq. One tree, so one batch makes an ingest request atomic.
-//! - `lanes`: `L` ‖ webhook id ‖ `/` ‖ mode → LaneState (JSON); `D` ‖ webhook
-//!   id ‖ `/` ‖ delivery id → DeliveryRecord (JSON); `Q` ‖ … requeued work.
-//!   A delivery record is always written before the lane state that points
-//!   at it (see `save_lane`), so a crash never leaves a lane pointing at
-//!   nothing.
+//!   request, each with its delivery mode, see `log.rs`); `i` ‖ account(8) ‖
+//!   event id → seq(8); `m` → highest seq. One tree, so one batch makes an
+//!   ingest request atomic.
+//! - `lanes`: lane states, delivery records, kept payloads, requeued work,
+//!   the finish-time and dead-letter indexes and tombstones of deleted
+//!   webhooks (see `deliveries.rs`).
+//!
+//! Methods are synchronous and may block on disk; async callers run them
+//! with [`Store::blocking`] (or use the async ones, which do so inside), so
+//! no tokio worker waits on sled.
 
 mod commit;
 pub mod crypt;
 mod deliveries;
 mod durable;
+mod janitor;
 mod log;
 mod stats;
 mod webhooks;
@@ -29,17 +33,20 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 pub use commit::GroupCommit;
-pub use deliveries::{DeliveryPage, LaneState};
+pub use deliveries::{DeliveryPage, LaneKey, LaneState, LaneTally, Take, BACKLOG_SEED_LIMIT};
 pub use durable::DiskSync;
-pub use log::AppendOutcome;
-pub use stats::LaneBacklog;
+pub use janitor::JanitorReport;
+pub use log::{AppendOutcome, Appended};
 
 use crate::config::TokenConfig;
 use crate::error::{Error, Result};
 
 /// Version of the on-disk layout this build writes.
 /// 1: one log key per event. 2: one log key per request (chunk).
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: chunks record each event's delivery mode; finished deliveries are
+/// indexed by finish time; dead letters and retried deliveries keep their
+/// events with them.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
@@ -65,6 +72,8 @@ struct Inner {
     durable_seq: AtomicU64,
     /// Seals signing secrets and Basic passwords at rest, when a key is set.
     cipher: Option<crypt::SecretCipher>,
+    /// Lane locks, cached lane states and deleted webhooks.
+    lane_registry: deliveries::LaneRegistry,
 }
 
 impl Store {
@@ -123,10 +132,26 @@ impl Store {
             db,
             admin_lock: std::sync::Mutex::new(()),
             append_lock: std::sync::Mutex::new(append_state),
+            lane_registry: deliveries::LaneRegistry::default(),
         };
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(inner),
-        })
+        };
+        store.load_deleted()?;
+        Ok(store)
+    }
+
+    /// Runs `f` on a blocking thread, so a caller on a tokio worker never
+    /// waits on sled or on a lock held across sled calls.
+    pub async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Error::Internal(format!("store task: {e}")))?
     }
 
     /// Waits until every write made before this call is on disk.
@@ -168,9 +193,12 @@ impl Store {
 
     /// Stores the first-start tokens (hashes only) durably.
     pub async fn set_bootstrap_tokens(&self, tokens: &[TokenConfig]) -> Result<()> {
-        self.inner
-            .meta
-            .insert("bootstrap_tokens", serde_json::to_vec(tokens)?)?;
+        let value = serde_json::to_vec(tokens)?;
+        self.blocking(move |s| {
+            s.inner.meta.insert("bootstrap_tokens", value)?;
+            Ok(())
+        })
+        .await?;
         self.flush().await
     }
 }
@@ -195,6 +223,13 @@ fn check_schema(db: &sled::Db, meta: &sled::Tree) -> Result<()> {
                 )));
             }
             let log = db.open_tree("log")?;
+            if found < 3 {
+                let n = Store::index_old_records(&db.open_tree("lanes")?)?;
+                tracing::info!(
+                    records = n,
+                    "delivery log indexed for schema version 3 (retention by finish time)"
+                );
+            }
             if found < 2 {
                 let n = log::migrate_v1(&log)?;
                 tracing::info!(

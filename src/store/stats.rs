@@ -1,63 +1,41 @@
-//! Read-only figures about lanes for metrics, computed from what is stored:
-//! how many events a lane still owes its webhook and how old the oldest is.
+//! Bounded reads behind the lane gauges. The gauges themselves are kept up
+//! to date in memory as events arrive and leave lanes (see `metrics.rs`);
+//! these only seed a gauge when a lane starts and look up, per scrape, one
+//! timestamp per lane, so a scrape costs the same however much is queued.
 
-use std::collections::HashSet;
-
-use super::deliveries::requeued_key;
+use super::deliveries::LaneKey;
 use super::Store;
-use crate::domain::delivery::ModeTag;
+use crate::domain::delivery::LaneFilter;
 use crate::error::Result;
 
-/// What one lane still has to send.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LaneBacklog {
-    /// Events of the lane's types after its cursor, plus those of the
-    /// payload at its head (in flight or waiting for a retry).
-    pub events: u64,
-    /// True when counting stopped at the scan limit (there are more).
-    pub capped: bool,
-    /// Ingest time of the oldest of those events, epoch ms.
-    pub oldest_ingest_ms: Option<i64>,
-    /// Deliveries requeued by RedeliverEvents not yet taken by the lane.
-    pub requeued: u64,
-}
-
 impl Store {
-    /// Counts a lane's backlog, examining at most `scan_limit` events
-    /// after its cursor. Reads only; copies no event bodies.
-    pub fn lane_backlog(
+    /// Events after `after_seq` up to `until_seq` that the lane takes,
+    /// counting at most `scan_limit` log records; true when it stopped there.
+    pub fn lane_backlog_between(
         &self,
-        account_id: u64,
-        webhook_id: &str,
-        mode: ModeTag,
-        types: &HashSet<String>,
+        key: &LaneKey,
+        filter: &LaneFilter,
+        after_seq: u64,
+        until_seq: u64,
         scan_limit: usize,
-    ) -> Result<LaneBacklog> {
-        let mut out = LaneBacklog::default();
-        let Some(state) = self.lane(webhook_id, mode)? else {
-            return Ok(out);
-        };
-        if let Some(record) = self.unfinished_head(webhook_id, &state)? {
-            out.events += record.seqs.len() as u64;
-            if let Some(first) = record.seqs.first() {
-                out.oldest_ingest_ms = self.event_ingest_ms(account_id, *first)?;
-            }
+    ) -> Result<(u64, bool)> {
+        self.count_for_lane(key.account_id, after_seq, until_seq, filter, scan_limit)
+    }
+
+    /// Ingest time of the next event the lane will take, looking at most
+    /// `scan_limit` records past its cursor; beyond that, of the first record
+    /// after the cursor (an event at least as old as the one it will take).
+    pub fn lane_next_ingest_ms(
+        &self,
+        key: &LaneKey,
+        filter: &LaneFilter,
+        scan_limit: usize,
+    ) -> Result<Option<i64>> {
+        let cursor = self.lane_cursor(key)?;
+        let read = self.read_for_lane(key.account_id, cursor, u64::MAX, filter, 1, scan_limit)?;
+        match read.events.first() {
+            Some(e) => Ok(Some(e.ingest_time_ms)),
+            None => self.first_ingest_after(key.account_id, cursor),
         }
-        let mut examined = 0;
-        self.visit_events(account_id, state.cursor, |_, e| {
-            if examined >= scan_limit {
-                out.capped = true;
-                return Ok(false);
-            }
-            examined += 1;
-            if types.contains(e.name) {
-                out.events += 1;
-                out.oldest_ingest_ms.get_or_insert(e.ingest_ms);
-            }
-            Ok(true)
-        })?;
-        let prefix = requeued_key(webhook_id, mode, "");
-        out.requeued = self.inner.lanes.scan_prefix(&prefix).count() as u64;
-        Ok(out)
     }
 }

@@ -17,52 +17,76 @@ fn webhook_key(account_id: u64, id: &str) -> Vec<u8> {
 
 impl Store {
     /// Stores a new webhook (and its secret), refusing past `max_per_account`.
+    /// Its lanes start at the end of the log, in the same transaction: a
+    /// webhook receives the events published after it was created. Durable
+    /// on return.
     pub async fn create_webhook(
+        &self,
+        webhook: Webhook,
+        secret: Option<SecretRecord>,
+        max_per_account: u32,
+    ) -> Result<()> {
+        self.blocking(move |s| s.create_webhook_locked(&webhook, secret.as_ref(), max_per_account))
+            .await?;
+        self.flush().await
+    }
+
+    fn create_webhook_locked(
         &self,
         webhook: &Webhook,
         secret: Option<&SecretRecord>,
         max_per_account: u32,
     ) -> Result<()> {
-        {
-            let _guard = self
-                .inner
-                .admin_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let count = self
-                .inner
-                .webhooks
-                .scan_prefix(account_key(webhook.account_id))
-                .count();
-            if count >= max_per_account as usize {
-                return Err(Error::ResourceExhausted(format!(
-                    "account {} already has {count} webhooks (limit {max_per_account})",
-                    webhook.account_id
-                )));
-            }
-            let value = self.encode_webhook(webhook)?;
-            let secret_value = secret
-                .map(|s| self.encode_secret(&webhook.id, s))
-                .transpose()?;
-            let key = webhook_key(webhook.account_id, &webhook.id);
-            (&self.inner.webhooks, &self.inner.secrets).transaction(|(w, s)| {
+        let _guard = self
+            .inner
+            .admin_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let count = self
+            .inner
+            .webhooks
+            .scan_prefix(account_key(webhook.account_id))
+            .count();
+        if count >= max_per_account as usize {
+            return Err(Error::ResourceExhausted(format!(
+                "account {} already has {count} webhooks (limit {max_per_account})",
+                webhook.account_id
+            )));
+        }
+        let value = self.encode_webhook(webhook)?;
+        let secret_value = secret
+            .map(|s| self.encode_secret(&webhook.id, s))
+            .transpose()?;
+        let key = webhook_key(webhook.account_id, &webhook.id);
+        let start = serde_json::to_vec(&super::LaneState {
+            cursor: self.last_seq(),
+            head: None,
+        })?;
+        (&self.inner.webhooks, &self.inner.secrets, &self.inner.lanes).transaction(
+            |(w, s, l)| {
                 w.insert(key.as_slice(), value.as_slice())?;
                 if let Some(sv) = &secret_value {
                     s.insert(webhook.id.as_bytes(), sv.as_slice())?;
                 }
+                for mode in [ModeTag::Realtime, ModeTag::Batch] {
+                    l.insert(
+                        super::deliveries::lane_key(&webhook.id, mode),
+                        start.as_slice(),
+                    )?;
+                }
                 Ok::<_, ConflictableTransactionError<Error>>(())
-            })?;
-            // New lanes start at the end of the log: a webhook receives events
-            // published after it was created.
-            let start = super::LaneState {
-                cursor: self.last_seq(),
-                ..Default::default()
-            };
-            for mode in [ModeTag::Realtime, ModeTag::Batch] {
-                self.save_lane(&webhook.id, mode, &start, &[])?;
-            }
-        }
-        self.flush().await
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Highest sequence number used (durable or not yet).
+    fn last_seq(&self) -> u64 {
+        self.inner
+            .append_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_seq()
     }
 
     /// One webhook of an account.
@@ -117,58 +141,80 @@ impl Store {
     /// to store with it. Durable on return.
     pub async fn update_webhook<F>(&self, account_id: u64, id: &str, change: F) -> Result<Webhook>
     where
-        F: FnOnce(&mut Webhook, Option<SecretRecord>) -> Result<Option<SecretRecord>>,
+        F: FnOnce(&mut Webhook, Option<SecretRecord>) -> Result<Option<SecretRecord>>
+            + Send
+            + 'static,
     {
-        let updated = {
-            let _guard = self
-                .inner
-                .admin_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let key = webhook_key(account_id, id);
-            let mut w: Webhook = match self.inner.webhooks.get(&key)? {
-                Some(v) => self.decode_webhook(&v)?,
-                None => return Err(Error::NotFound(format!("webhook {id}"))),
-            };
-            let secret = self.get_secret(id)?;
-            let new_secret = change(&mut w, secret)?;
-            let value = self.encode_webhook(&w)?;
-            let secret_value = new_secret
-                .as_ref()
-                .map(|s| self.encode_secret(id, s))
-                .transpose()?;
-            (&self.inner.webhooks, &self.inner.secrets).transaction(|(wt, st)| {
-                wt.insert(key.as_slice(), value.as_slice())?;
-                if let Some(sv) = &secret_value {
-                    st.insert(id.as_bytes(), sv.as_slice())?;
-                }
-                Ok::<_, ConflictableTransactionError<Error>>(())
-            })?;
-            w
-        };
+        let id = id.to_string();
+        let updated = self
+            .blocking(move |s| s.update_webhook_locked(account_id, &id, change))
+            .await?;
         self.flush().await?;
         Ok(updated)
     }
 
-    /// Deletes a webhook, its secret, lanes and delivery records.
+    fn update_webhook_locked<F>(&self, account_id: u64, id: &str, change: F) -> Result<Webhook>
+    where
+        F: FnOnce(&mut Webhook, Option<SecretRecord>) -> Result<Option<SecretRecord>>,
+    {
+        let _guard = self
+            .inner
+            .admin_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = webhook_key(account_id, id);
+        let mut w: Webhook = match self.inner.webhooks.get(&key)? {
+            Some(v) => self.decode_webhook(&v)?,
+            None => return Err(Error::NotFound(format!("webhook {id}"))),
+        };
+        let secret = self.get_secret(id)?;
+        let new_secret = change(&mut w, secret)?;
+        let value = self.encode_webhook(&w)?;
+        let secret_value = new_secret
+            .as_ref()
+            .map(|s| self.encode_secret(id, s))
+            .transpose()?;
+        (&self.inner.webhooks, &self.inner.secrets).transaction(|(wt, st)| {
+            wt.insert(key.as_slice(), value.as_slice())?;
+            if let Some(sv) = &secret_value {
+                st.insert(id.as_bytes(), sv.as_slice())?;
+            }
+            Ok::<_, ConflictableTransactionError<Error>>(())
+        })?;
+        Ok(w)
+    }
+
+    /// Deletes a webhook: in one transaction its record, its secret and its
+    /// lanes go and a tombstone is written, so no lane of it can run again
+    /// (whatever call races the deletion) and its delivery records are out
+    /// of reach at once; the janitor then removes the records in bounded
+    /// rounds. Durable on return.
     pub async fn delete_webhook(&self, account_id: u64, id: &str) -> Result<()> {
-        {
-            let _guard = self
-                .inner
-                .admin_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let key = webhook_key(account_id, id);
-            (&self.inner.webhooks, &self.inner.secrets).transaction(|(wt, st)| {
+        let id = id.to_string();
+        self.blocking(move |s| s.delete_webhook_locked(account_id, &id))
+            .await?;
+        self.flush().await
+    }
+
+    fn delete_webhook_locked(&self, account_id: u64, id: &str) -> Result<()> {
+        let _guard = self
+            .inner
+            .admin_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = webhook_key(account_id, id);
+        (&self.inner.webhooks, &self.inner.secrets, &self.inner.lanes).transaction(
+            |(wt, st, lt)| {
                 if wt.remove(key.as_slice())?.is_none() {
                     return abort(Error::NotFound(format!("webhook {id}")));
                 }
                 st.remove(id.as_bytes())?;
+                Store::delete_lanes_in(lt, id)?;
                 Ok(())
-            })?;
-            self.remove_lanes_and_deliveries(id)?;
-        }
-        self.flush().await
+            },
+        )?;
+        self.forget_lanes(id);
+        Ok(())
     }
 
     /// The signing secrets of a webhook, if it has any.
