@@ -15,7 +15,7 @@ use webhook_router::delivery::signing::signature_header;
 use webhook_router::domain::event::{render_event_json, render_payload};
 
 fn event_json(i: u64) -> String {
-    let d = struct_to_json(Some(&data(i)), "data").expect("valid");
+    let d = struct_to_json(Some(&data(i)), 0, || "data".into()).expect("valid");
     render_event_json(
         &format!("e{i}"),
         "COURSE_ENROLLMENT",
@@ -31,7 +31,7 @@ fn ingest(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("struct_to_json+render_event_json", |b| {
         b.iter(|| {
-            let json = struct_to_json(Some(black_box(&d)), "data").expect("valid");
+            let json = struct_to_json(Some(black_box(&d)), 0, || "data".into()).expect("valid");
             render_event_json("e7", "COURSE_ENROLLMENT", 1_727_414_643_000, "info", &json)
         })
     });

@@ -89,6 +89,10 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         match e {
             Error::InvalidArgument { field, reason } => {
+                // Both may echo client input; a status travels in HTTP/2
+                // headers, which must stay small.
+                let field = bounded(field, MAX_FIELD_BYTES);
+                let reason = bounded(reason, MAX_REASON_BYTES);
                 let details =
                     ErrorDetails::with_bad_request_violation(field.clone(), reason.clone());
                 Status::with_error_details(
@@ -115,6 +119,24 @@ impl From<Error> for Status {
     }
 }
 
+/// Most bytes of a field path in a status.
+const MAX_FIELD_BYTES: usize = 512;
+/// Most bytes of a reason in a status.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary, marked with `…`.
+fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +148,14 @@ mod tests {
         assert_eq!(s.message(), "webhook.name: must not be empty");
         let br = s.get_details_bad_request().expect("bad request details");
         assert_eq!(br.field_violations[0].field, "webhook.name");
+    }
+
+    #[test]
+    fn echoed_input_is_bounded() {
+        let s: Status = Error::invalid("f".repeat(5000), "é".repeat(5000)).into();
+        assert!(s.message().len() < 2000, "{}", s.message().len());
+        let br = s.get_details_bad_request().unwrap();
+        assert!(br.field_violations[0].field.ends_with('…'));
     }
 
     #[test]

@@ -411,6 +411,13 @@ impl Collector for StoreCollector {
             None,
             size.metric_type(),
         )?)?;
+        let stored = ConstGauge::new(self.store.stored_events() as i64);
+        stored.encode(encoder.encode_descriptor(
+            "log_events_stored",
+            "Events in the event log (all accounts); kept delivery.retention_ms after they were stored",
+            None,
+            stored.metric_type(),
+        )?)?;
         let lanes = match self.lanes() {
             Ok(l) => l,
             Err(e) => {

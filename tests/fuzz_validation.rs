@@ -267,7 +267,7 @@ proptest! {
 
     #[test]
     fn data_structs_render_to_json_or_name_the_bad_value(d in data()) {
-        let r = struct_to_json(d.as_ref(), "data");
+        let r = struct_to_json(d.as_ref(), 0, || "data".into());
         assert_field_error(&r, "data");
         if let Ok(json) = r {
             let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");

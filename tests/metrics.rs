@@ -4,83 +4,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-
-/// One sample of the exposition: metric name, labels, value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses the OpenMetrics text format (the subset the router writes).
-fn parse(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("sample line");
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => {
-                let body = rest.strip_suffix('}').expect("closing brace");
-                let mut labels = BTreeMap::new();
-                for pair in body.split("\",").filter(|p| !p.is_empty()) {
-                    let (k, v) = pair.split_once("=\"").expect("label");
-                    labels.insert(k.to_string(), v.trim_end_matches('"').to_string());
-                }
-                (name.to_string(), labels)
-            }
-            None => (series.to_string(), BTreeMap::new()),
-        };
-        out.push(Sample {
-            name,
-            labels,
-            value,
-        });
-    }
-    out
-}
-
-/// The value of the sample `name` whose labels include `labels`, if any.
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    samples
-        .iter()
-        .find(|s| {
-            s.name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value)
-}
-
-async fn scrape(addr: SocketAddr) -> Vec<Sample> {
-    let (status, body) = http_get(addr, "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    assert!(body.ends_with("# EOF\n"), "not OpenMetrics text: {body}");
-    parse(&body)
-}
-
-/// Scrapes until `pred` holds (lane figures are read from the store, which
-/// the lane updates right after the listener answered).
-async fn scrape_until(addr: SocketAddr, pred: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = scrape(addr).await;
-        if pred(&s) || std::time::Instant::now() > deadline {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 const PUBLISHED: &str = "webhook_router_events_published_total";
 const DELIVERIES: &str = "webhook_router_deliveries_total";

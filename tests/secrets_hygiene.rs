@@ -3,7 +3,9 @@
 //! and retried deliveries, TestWebhook, bad requests and refused tokens; then
 //! its whole stderr, every read response (all but GetWebhookSecret, whose
 //! job is to return the secret) and every error message are searched for
-//! each of those values.
+//! each of those values. A target URL's query string (where listeners put
+//! tokens) appears neither in the log nor in the delivery log's attempt
+//! errors.
 
 mod common;
 
@@ -25,6 +27,7 @@ const PASSWORD_1: &str = "pw-one-Zx8qLr2VnT";
 const PASSWORD_2: &str = "pw-two-Hy5mWd9KcB";
 const PASSWORD_BAD: &str = "pw-bad-request-Jt4sNe7Q";
 const URL_PASSWORD: &str = "url-pw-Gp3vXk6Ra";
+const URL_QUERY_TOKEN: &str = "url-query-token-Rb7wQe2Lm";
 
 #[tokio::test]
 async fn no_token_secret_or_password_in_logs_responses_or_errors() {
@@ -155,6 +158,55 @@ role = "ingest"
         .secret
         .unwrap()
         .secret;
+
+    // A webhook whose URL carries a token in its query string, on a port
+    // nobody listens on: its attempts fail to connect.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let unreachable = create(
+        &mut admin,
+        1010,
+        webhook(
+            "query-token",
+            &format!("http://127.0.0.1:{closed_port}/hook?token={URL_QUERY_TOKEN}"),
+            &["COURSE_UNENROLLMENT"],
+            no_auth(),
+        ),
+    )
+    .await;
+    ingest
+        .publish_events(PublishEventsRequest {
+            account_id: 1010,
+            events: vec![event("hyg-q", "COURSE_UNENROLLMENT", 3)],
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let attempt_errors = loop {
+        let ds = deliveries(&mut admin, &unreachable.id).await;
+        let errors: Vec<String> = ds
+            .iter()
+            .flat_map(|d| d.attempts.iter().map(|a| a.error.clone()))
+            .collect();
+        if errors.len() >= 2 || Instant::now() > deadline {
+            break errors;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(attempt_errors.len() >= 2, "{attempt_errors:?}");
+    assert!(
+        attempt_errors.iter().all(|e| e.contains("connect failed")),
+        "{attempt_errors:?}"
+    );
+    for e in &attempt_errors {
+        assert!(
+            !e.contains(URL_QUERY_TOKEN),
+            "an attempt error carries the URL's query string: {e}"
+        );
+    }
 
     // Deliveries that fail, are retried and succeed, for both webhooks.
     let r = ingest
@@ -325,6 +377,14 @@ role = "ingest"
         needles.push(s.clone());
         needles.push(s.trim_start_matches("whsec_")[..16].to_string());
     }
+    assert!(
+        !log.contains(URL_QUERY_TOKEN),
+        "a target URL's query string appears in the log"
+    );
+    assert!(
+        log.contains("connect failed"),
+        "the failed connects were logged"
+    );
     let seen = seen.join("\n");
     for needle in &needles {
         assert!(

@@ -1,5 +1,5 @@
 //! Storage errors on the real binary: the data folder on a small tmpfs that
-//! fills up. Needs root (mount); skips with a printed reason otherwise.
+//! fills up. Needs root (mount); fails with a clear message otherwise.
 
 mod common;
 
@@ -18,8 +18,16 @@ struct Tmpfs {
 }
 
 impl Tmpfs {
-    /// Mounts a tmpfs of `size` (e.g. "4m"), or says why it cannot.
-    fn mount(size: &str) -> Result<Tmpfs, String> {
+    /// Mounts a tmpfs of `size` (e.g. "4m"); fails the test, saying why,
+    /// where that is not possible (these tests need root: .ci/run runs them
+    /// as root).
+    fn mount(size: &str) -> Tmpfs {
+        Self::try_mount(size).unwrap_or_else(|why| {
+            panic!("this test needs a tmpfs mount of its own, which needs root: {why}")
+        })
+    }
+
+    fn try_mount(size: &str) -> Result<Tmpfs, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -125,13 +133,7 @@ async fn fill_disk(ingest: &mut Ingest) -> (Vec<String>, Option<tonic::Status>) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_publish_unavailable_then_recovers_when_space_returns() {
-    let fs = match Tmpfs::mount("6m") {
-        Ok(fs) => fs,
-        Err(why) => {
-            println!("SKIPPED: needs a tmpfs mount (run as root): {why}");
-            return;
-        }
-    };
+    let fs = Tmpfs::mount("6m");
     let config = config_in(fs.path());
     // Answers take 300 ms, so a delivery is in flight when the disk fills.
     let listener =
@@ -331,13 +333,7 @@ fn start_expecting_failure(config: &Path) -> (std::process::ExitStatus, String) 
 /// writing, so the running case is covered by the disk-full test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_data_folder() {
-    let fs = match Tmpfs::mount("32m") {
-        Ok(fs) => fs,
-        Err(why) => {
-            println!("SKIPPED: needs a tmpfs mount (run as root): {why}");
-            return;
-        }
-    };
+    let fs = Tmpfs::mount("32m");
     let config = config_in(fs.path());
     let listener = Listener::ok().await;
     let mut router = RouterProcess::start(&config);
@@ -400,13 +396,7 @@ async fn read_only_data_folder() {
 /// re-executes itself (same pid), and the fresh image opens the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_recovery_reexecutes_when_the_store_stays_held() {
-    let fs = match Tmpfs::mount("6m") {
-        Ok(fs) => fs,
-        Err(why) => {
-            println!("SKIPPED: needs a tmpfs mount (run as root): {why}");
-            return;
-        }
-    };
+    let fs = Tmpfs::mount("6m");
     let config = config_in(fs.path());
     let listener = Listener::ok().await;
     let mut router = RouterProcess::start(&config);

@@ -200,70 +200,128 @@ pub fn page_size(raw: i32, default: usize, max: usize) -> Result<usize> {
 const I64_LIMIT: f64 = 9_223_372_036_854_775_808.0;
 
 /// Renders a Struct as a JSON object. Whole numbers are written as integers
-/// (4279332, never 4279332.0); NaN and infinities are refused. `field` names
-/// the Struct in errors.
-pub fn struct_to_json(s: Option<&Struct>, field: &str) -> Result<String> {
-    let mut out = String::new();
+/// (4279332, never 4279332.0); NaN and infinities are refused. `field`
+/// names the Struct in errors; it, and the path inside the Struct, are only
+/// built when something is wrong, so rendering costs time linear in the
+/// event's size and no allocation per field. Keys come out sorted (the
+/// Struct's map is ordered), so the same event always renders to the same bytes.
+pub fn struct_to_json(
+    s: Option<&Struct>,
+    capacity: usize,
+    field: impl FnOnce() -> String,
+) -> Result<String> {
+    let mut out = String::with_capacity(capacity);
     match s {
         None => out.push_str("{}"),
-        Some(s) => write_struct(&mut out, s, field)?,
+        Some(s) => write_struct(&mut out, s).map_err(|e| e.into_error(field()))?,
     }
     Ok(out)
 }
 
-fn write_struct(out: &mut String, s: &Struct, path: &str) -> Result<()> {
+/// Characters of a key shown in the path of a bad value.
+const MAX_ECHOED_KEY_CHARS: usize = 64;
+
+/// One step of the path to a bad value.
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// A bad value and the path to it, innermost step first (collected while
+/// the error travels up).
+struct BadValue<'a> {
+    reason: &'static str,
+    path: Vec<Step<'a>>,
+}
+
+impl BadValue<'_> {
+    fn into_error(self, field: String) -> Error {
+        let mut path = field;
+        for step in self.path.iter().rev() {
+            match step {
+                Step::Key(k) => {
+                    path.push('.');
+                    // Keys are the client's: echo a bounded part of each.
+                    if k.chars().count() > MAX_ECHOED_KEY_CHARS {
+                        path.extend(k.chars().take(MAX_ECHOED_KEY_CHARS));
+                        path.push('…');
+                    } else {
+                        path.push_str(k);
+                    }
+                }
+                Step::Index(i) => path.push_str(&format!("[{i}]")),
+            }
+        }
+        Error::invalid(path, self.reason)
+    }
+}
+
+fn write_struct<'a>(out: &mut String, s: &'a Struct) -> std::result::Result<(), BadValue<'a>> {
     out.push('{');
-    // Keys sorted so the same event always renders to the same bytes.
-    let mut keys: Vec<&String> = s.fields.keys().collect();
-    keys.sort();
-    for (i, k) in keys.into_iter().enumerate() {
+    for (i, (k, v)) in s.fields.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         push_json_string(out, k);
         out.push(':');
-        write_value(out, &s.fields[k], &format!("{path}.{k}"))?;
+        write_value(out, v).map_err(|mut e| {
+            e.path.push(Step::Key(k));
+            e
+        })?;
     }
     out.push('}');
     Ok(())
 }
 
-fn write_value(out: &mut String, v: &Value, path: &str) -> Result<()> {
+fn write_value<'a>(out: &mut String, v: &'a Value) -> std::result::Result<(), BadValue<'a>> {
     match &v.kind {
         None | Some(Kind::NullValue(_)) => out.push_str("null"),
         Some(Kind::BoolValue(b)) => out.push_str(if *b { "true" } else { "false" }),
         Some(Kind::StringValue(s)) => push_json_string(out, s),
         Some(Kind::NumberValue(n)) => {
             if !n.is_finite() {
-                return Err(Error::invalid(
-                    path,
-                    "NaN and infinity are not valid JSON numbers",
-                ));
+                return Err(BadValue {
+                    reason: "NaN and infinity are not valid JSON numbers",
+                    path: Vec::new(),
+                });
             }
-            if n.fract() == 0.0 && n.abs() < I64_LIMIT {
-                out.push_str(&(*n as i64).to_string());
-            } else {
-                // serde_json writes the shortest round-tripping form.
-                out.push_str(
-                    &serde_json::Number::from_f64(*n)
-                        .map(|x| x.to_string())
-                        .unwrap_or_default(),
-                );
-            }
+            push_number(out, *n);
         }
-        Some(Kind::StructValue(s)) => write_struct(out, s, path)?,
+        Some(Kind::StructValue(s)) => write_struct(out, s)?,
         Some(Kind::ListValue(l)) => {
             out.push('[');
             for (i, item) in l.values.iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
-                write_value(out, item, &format!("{path}[{i}]"))?;
+                write_value(out, item).map_err(|mut e| {
+                    e.path.push(Step::Index(i));
+                    e
+                })?;
             }
             out.push(']');
         }
     }
     Ok(())
+}
+
+/// Writes a finite number the way serde_json does, integers as integers,
+/// through a stack buffer (no allocation).
+fn push_number(out: &mut String, n: f64) {
+    use serde_json::ser::{CompactFormatter, Formatter};
+    let mut buf = [0u8; 40];
+    let mut w = std::io::Cursor::new(&mut buf[..]);
+    let written = if n.fract() == 0.0 && n.abs() < I64_LIMIT {
+        CompactFormatter.write_i64(&mut w, n as i64)
+    } else {
+        // The shortest form that reads back as the same double.
+        CompactFormatter.write_f64(&mut w, n)
+    };
+    let len = w.position() as usize;
+    match (written, std::str::from_utf8(&buf[..len])) {
+        (Ok(()), Ok(text)) => out.push_str(text),
+        _ => out.push('0'),
+    }
 }
 
 #[cfg(test)]
@@ -295,7 +353,7 @@ mod tests {
             fields: fields.into_iter().collect(),
         };
         assert_eq!(
-            struct_to_json(Some(&s), "data").unwrap(),
+            struct_to_json(Some(&s), 0, || "data".into()).unwrap(),
             r#"{"big":9007199254740994,"huge":1e+20,"loId":"course:7374992","neg":-3,"ratio":0.5,"userId":4279332}"#
         );
     }
@@ -305,8 +363,22 @@ mod tests {
         let s = Struct {
             fields: [("x".to_string(), num(f64::NAN))].into_iter().collect(),
         };
-        match struct_to_json(Some(&s), "events[2].data") {
+        match struct_to_json(Some(&s), 0, || "events[2].data".into()) {
             Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, "events[2].data.x"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn long_keys_are_shortened_in_error_paths() {
+        let long = "k".repeat(10_000);
+        let s = Struct {
+            fields: [(long, num(f64::INFINITY))].into_iter().collect(),
+        };
+        match struct_to_json(Some(&s), 0, || "events[0].data".into()) {
+            Err(Error::InvalidArgument { field, .. }) => {
+                assert_eq!(field, format!("events[0].data.{}…", "k".repeat(64)));
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -139,7 +139,7 @@ pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Resul
                 "must be epoch milliseconds between 0 (meaning now) and year 9999",
             ));
         }
-        let data = struct_to_json(e.data.as_ref(), &format!("events[{i}].data"))?;
+        let data = struct_to_json(e.data.as_ref(), size, || format!("events[{i}].data"))?;
         let event_id = if e.event_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {

@@ -93,6 +93,9 @@ impl HttpClient {
             .send()
             .await
             .map_err(|e| {
+                // reqwest's message carries the whole URL, query-string
+                // tokens included: never into logs or the delivery log.
+                let e = e.without_url();
                 if e.is_timeout() {
                     SendError::Timeout
                 } else if e.is_connect() {
@@ -111,7 +114,8 @@ impl HttpClient {
             .headers()
             .get(http::header::LOCATION)
             .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(200).collect::<String>());
+            // A redirect target may carry tokens too.
+            .map(|s| guard::redact_url(s).chars().take(200).collect::<String>());
         let mut kept = BytesMut::new();
         let mut read = 0usize;
         // Read at most max_body bytes, keep the first KiB, then drop the connection.
@@ -130,7 +134,7 @@ impl HttpClient {
                     }
                     return Err(SendError::Other(format!(
                         "reading response body: {}",
-                        error_chain(&e)
+                        error_chain(&e.without_url())
                     )));
                 }
             }

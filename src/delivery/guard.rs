@@ -34,6 +34,23 @@ pub fn check_target_url(raw: &str, allow_private: bool) -> Result<Url, String> {
     Ok(url)
 }
 
+/// A target URL as logs and attempt errors may show it: scheme, host, port
+/// and path, without credentials, query string or fragment (where tokens
+/// tend to live).
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.to_string()
+        }
+        // A relative reference (a redirect's `Location: /elsewhere?t=…`).
+        Err(_) => raw.split(['?', '#']).next().unwrap_or_default().to_string(),
+    }
+}
+
 /// Refuses `ip` unless it is globally routable or `allow_private` is set.
 pub fn check_ip(ip: IpAddr, allow_private: bool) -> Result<(), String> {
     if allow_private || is_global(ip) {
@@ -175,6 +192,15 @@ mod tests {
             .contains("credentials"));
         assert!(check_target_url("/relative", true).is_err());
         assert!(check_target_url("http://127.0.0.1:8080/", true).is_ok());
+    }
+
+    #[test]
+    fn redacted_urls_keep_no_secrets() {
+        assert_eq!(
+            redact_url("https://u:p@example.com:8443/hook?token=s3cret#frag"),
+            "https://example.com:8443/hook"
+        );
+        assert_eq!(redact_url("/moved?sig=abc"), "/moved");
     }
 
     #[test]

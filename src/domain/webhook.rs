@@ -118,8 +118,17 @@ pub fn validate(w: &mut Webhook, rules: Rules<'_>, prefix: &str) -> Result<()> {
             format!("must be at most {MAX_URL_BYTES} bytes"),
         ));
     }
-    guard::check_target_url(&w.target_url, rules.allow_private_targets)
+    let url = guard::check_target_url(&w.target_url, rules.allow_private_targets)
         .map_err(|reason| Error::invalid(f("target_url"), reason))?;
+    // Stored in its canonical form (`https:///x` becomes `https://x/`), so
+    // what is shown and compared is what requests go to.
+    w.target_url = url.to_string();
+    if w.target_url.len() > MAX_URL_BYTES {
+        return Err(Error::invalid(
+            f("target_url"),
+            format!("must be at most {MAX_URL_BYTES} bytes"),
+        ));
+    }
     if w.event_types.is_empty() {
         return Err(Error::invalid(
             f("event_types"),
@@ -301,6 +310,20 @@ mod tests {
             password: "p".into(),
         };
         assert_eq!(field_of(check(&mut w)), "webhook.auth.basic.username");
+    }
+
+    #[test]
+    fn target_urls_are_stored_canonical() {
+        for (given, stored) in [
+            ("https:///example.com/x", "https://example.com/x"),
+            ("HTTPS://Example.COM", "https://example.com/"),
+            ("https://example.com:443/a/../b?q=1", "https://example.com/b?q=1"),
+        ] {
+            let mut w = sample();
+            w.target_url = given.into();
+            check(&mut w).unwrap();
+            assert_eq!(w.target_url, stored, "{given}");
+        }
     }
 
     #[test]

@@ -669,9 +669,7 @@ impl Store {
                 self.put_lane(key, &state)?;
                 slot.state = Some(state);
             }
-            return Ok(Take::Idle {
-                more: read.scanned_to < self.durable_seq(),
-            });
+            return Ok(Take::Idle { more: read.capped });
         }
         if key.mode == ModeTag::Batch && read.events.len() < max_events && !batch_due {
             return Ok(Take::NotDue);

@@ -23,6 +23,9 @@ use crate::error::{Error, Result};
 const EVENT: u8 = b'e';
 const INDEX: u8 = b'i';
 const HIGH_WATER: &[u8] = b"m";
+/// Events stored in the log (all accounts), kept in the same batches that
+/// add and remove them.
+const STORED: &[u8] = b"n";
 /// Bytes before a chunk's first event.
 const CHUNK_HEADER: usize = 12;
 /// Set in a chunk's count when each event carries its mode byte.
@@ -32,6 +35,8 @@ const MODES: u32 = 0x8000_0000;
 pub(super) struct AppendState {
     /// Highest sequence number used.
     last_seq: u64,
+    /// Events in the log.
+    stored: u64,
 }
 
 impl AppendState {
@@ -44,7 +49,19 @@ impl AppendState {
             Some(v) => be_u64(&v)?,
             None => 0,
         };
-        Ok(AppendState { last_seq })
+        let stored = match log.get(STORED)? {
+            Some(v) => be_u64(&v)?,
+            None => {
+                // A folder from before the count was kept: count once.
+                let mut n = 0;
+                for item in log.range(vec![EVENT]..vec![EVENT + 1]) {
+                    n += chunk_header(&item?.1)?.1;
+                }
+                log.insert(STORED, &n.to_be_bytes())?;
+                n
+            }
+        };
+        Ok(AppendState { last_seq, stored })
     }
 }
 
@@ -321,6 +338,8 @@ pub(super) struct LaneRead {
     pub events: Vec<StoredEvent>,
     /// The last sequence number examined; the cursor may move there.
     pub scanned_to: u64,
+    /// The read stopped at its scan limit: there may be more to read now.
+    pub capped: bool,
 }
 
 impl Store {
@@ -408,14 +427,26 @@ impl Store {
                 chunk_first += chunk.len() as u64;
             }
             seq += fresh.len() as u64;
+            let stored = state.stored + fresh.len() as u64;
             batch.insert(HIGH_WATER, &seq.to_be_bytes());
+            batch.insert(STORED, &stored.to_be_bytes());
             self.inner
                 .log
                 .apply_batch(batch)
                 .inspect_err(|e| self.inner.commit.note_error(e))?;
             state.last_seq = seq;
+            state.stored = stored;
         }
         Ok((outcomes, first, seq, self.inner.commit.ticket()))
+    }
+
+    /// Events stored in the log, all accounts together.
+    pub fn stored_events(&self) -> u64 {
+        self.inner
+            .append_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stored
     }
 
     /// Highest sequence number known durable. A lane delivers nothing past
@@ -490,8 +521,13 @@ impl Store {
         let mut events = Vec::new();
         let mut scanned_to = after_seq;
         let mut examined = 0;
+        let mut capped = false;
         self.visit_events(account_id, after_seq, |seq, e| {
-            if examined >= scan_limit || events.len() >= limit || seq > until {
+            if seq > until || events.len() >= limit {
+                return Ok(false);
+            }
+            if examined >= scan_limit {
+                capped = true;
                 return Ok(false);
             }
             examined += 1;
@@ -501,7 +537,11 @@ impl Store {
             }
             Ok(true)
         })?;
-        Ok(LaneRead { events, scanned_to })
+        Ok(LaneRead {
+            events,
+            scanned_to,
+            capped,
+        })
     }
 
     /// Counts the events after `after_seq` up to `until_seq` that `filter`
@@ -606,7 +646,17 @@ impl Store {
                 Ok(true)
             })?;
             batch.remove(k);
+            // Briefly under the append lock: the count is shared with appends.
+            let mut state = self
+                .inner
+                .append_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let stored = state.stored.saturating_sub(count);
+            batch.insert(STORED, &stored.to_be_bytes());
             self.inner.log.apply_batch(batch)?;
+            state.stored = stored;
+            drop(state);
             removed += count;
         }
         Ok(removed)
