@@ -10,8 +10,8 @@
 //!   and rendered whole, then refused (nothing is stored), so its request
 //!   costs decoding plus validation: under 5 ms.
 //! - Acceptance: each shape, valid, is stored (a blob file and an fsync for
-//!   an event this large); it must cost no more than an event of the same
-//!   size made of one plain string, give or take 2 ms.
+//!   an event this large, whose kernel time varies); it must cost at most
+//!   twice an event of the same size made of one plain string, plus 5 ms.
 //!
 //! Idle lanes cost nothing: with webhooks on one account and the newest
 //! events on another, a router with nothing to deliver stays near 0% CPU.
@@ -27,7 +27,7 @@ use prost_types::{value::Kind, ListValue, Struct, Value};
 
 /// Bound on the router's CPU per adversarial request.
 const BOUND_MS: f64 = 5.0;
-const REQUESTS: usize = 40;
+const REQUESTS: usize = 100;
 
 fn num(n: f64) -> Value {
     Value {
@@ -180,8 +180,11 @@ async fn adversarial_events_cost_cpu_linear_in_their_size() {
         );
         let valid = fit(limit, |n| shape(n, false));
         let stored = cost(&router, &mut ingest, &format!("{name}, stored"), &valid, false).await;
+        // Storing costs fsyncs and a blob file, whose kernel time varies from
+        // run to run; a cost growing faster than the size would be hundreds
+        // of ms here.
         assert!(
-            stored < stored_plain + 2.0,
+            stored < 2.0 * stored_plain + BOUND_MS,
             "{name}: {stored:.2} ms per stored request, a plain event of the same size \
              {stored_plain:.2} ms: the shape costs more than its size"
         );
