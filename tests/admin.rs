@@ -1,13 +1,11 @@
 //! WebhookAdmin end to end: every RPC of the public contract through a real
 //! router on 127.0.0.1:0 with a real sled folder.
 
-mod common;
-
 use std::fmt::Debug;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use prost::Message;
 use prost_types::FieldMask;
 use tonic::{Code, Response, Status};

@@ -2,11 +2,9 @@
 //! separation between WebhookAdmin and EventIngest, hashed tokens in config,
 //! and the credentials created on first start when none are configured.
 
-mod common;
-
 use std::fmt::Debug;
 
-use common::*;
+use crate::common::*;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;

@@ -3,11 +3,9 @@
 //! test until it is added), called without a token, with an unknown token,
 //! with the other role's token and with a token of another account.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::*;
+use crate::common::*;
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;

@@ -3,12 +3,10 @@
 //! in which their type moved from real time to batch, or is gone. A real
 //! server, stopped and started again on the same sled folder.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use webhook_router::config::{Config, EventTypeConfig, ModeConfig};
 
 fn with_badge(dir: &std::path::Path, mode: Option<ModeConfig>) -> Config {
@@ -111,7 +109,10 @@ async fn queued_events_keep_their_mode_across_a_catalog_change() {
     ids.sort();
     assert_eq!(ids, want, "every queued event delivered");
     let repeated: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(repeated.is_empty(), "delivered more than once: {repeated:?}");
+    assert!(
+        repeated.is_empty(),
+        "delivered more than once: {repeated:?}"
+    );
     // The real-time ones went out at once, the batch ones together.
     let requests = listener.requests();
     let batch_payload = requests

@@ -2,14 +2,12 @@
 //! event (spans with account_id, webhook_id, delivery_id, event ids), and
 //! `check-config` prints the effective config with every secret masked.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tonic::transport::Channel;
 use webhook_router::proto::v1::event_ingest_client::EventIngestClient;
@@ -98,9 +96,9 @@ fn span<'a>(line: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no span {name} in {line}"))
 }
 
-/// The shared test config (see `common::process`) with `extra` appended.
+/// The shared test config (see `crate::common::process`) with `extra` appended.
 fn write_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
-    let path = common::process::write_router_config(dir, 2_000, "");
+    let path = crate::common::process::write_router_config(dir, 2_000, "");
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(extra);
     std::fs::write(&path, text).unwrap();

@@ -16,12 +16,10 @@
 //! Idle lanes cost nothing: with webhooks on one account and the newest
 //! events on another, a router with nothing to deliver stays near 0% CPU.
 
-mod common;
-
 use std::time::Duration;
 
-use common::process::{write_router_config, RouterProcess};
-use common::*;
+use crate::common::process::{write_router_config, RouterProcess};
+use crate::common::*;
 use prost::Message;
 use prost_types::{value::Kind, ListValue, Struct, Value};
 
@@ -69,7 +67,11 @@ fn fit(limit: usize, shape: impl Fn(usize) -> Event) -> Event {
 
 /// Item `i` of `n`, NaN for the last when `poisoned`.
 fn item(i: usize, n: usize, poisoned: bool) -> Value {
-    num(if poisoned && i + 1 == n { f64::NAN } else { i as f64 })
+    num(if poisoned && i + 1 == n {
+        f64::NAN
+    } else {
+        i as f64
+    })
 }
 
 /// One 128 KiB key over `n` list items.
@@ -84,9 +86,7 @@ fn many_long_keys(n: usize, poisoned: bool) -> Event {
     let fields = (0..n)
         .map(|i| {
             let key = format!("{i:06}{}", "q".repeat(194));
-            let items = (0..8)
-                .map(|j| item(i * 8 + j, n * 8, poisoned))
-                .collect();
+            let items = (0..8).map(|j| item(i * 8 + j, n * 8, poisoned)).collect();
             (key, list(items))
         })
         .collect();
@@ -132,14 +132,24 @@ async fn send(ingest: &mut Ingest, e: &Event, id: String, refused: bool) {
         (Ok(r), false) => assert!(!r.into_inner().results[0].duplicate),
         (Err(s), true) => {
             assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
-            assert!(s.message().starts_with("events[0].data."), "{}", s.message());
+            assert!(
+                s.message().starts_with("events[0].data."),
+                "{}",
+                s.message()
+            );
         }
         (r, _) => panic!("unexpected answer: {r:?}"),
     }
 }
 
 /// CPU ms the router spends per request publishing `REQUESTS` copies of `e`.
-async fn cost(router: &RouterProcess, ingest: &mut Ingest, name: &str, e: &Event, refused: bool) -> f64 {
+async fn cost(
+    router: &RouterProcess,
+    ingest: &mut Ingest,
+    name: &str,
+    e: &Event,
+    refused: bool,
+) -> f64 {
     for i in 0..3 {
         send(ingest, e, format!("{name}-warm-{i}"), refused).await;
     }
@@ -156,6 +166,9 @@ async fn cost(router: &RouterProcess, ingest: &mut Ingest, name: &str, e: &Event
     per
 }
 
+/// Builds an event of about `n` bytes; `refused` makes it fail validation at its end.
+type Shape = fn(usize, bool) -> Event;
+
 #[tokio::test]
 async fn adversarial_events_cost_cpu_linear_in_their_size() {
     let dir = tempfile::tempdir().unwrap();
@@ -165,21 +178,45 @@ async fn adversarial_events_cost_cpu_linear_in_their_size() {
     // Under limits.max_event_bytes, with room for the event's other fields.
     let limit = 262_144 - 64;
     let plain_event = fit(limit, plain);
-    let shapes: [(&str, fn(usize, bool) -> Event); 2] = [
+    let shapes: [(&str, Shape); 2] = [
         ("long key over a list", long_key_over_a_list),
         ("many long keys over lists", many_long_keys),
     ];
-    let stored_plain = cost(&router, &mut ingest, "plain string, stored", &plain_event, false).await;
+    let stored_plain = cost(
+        &router,
+        &mut ingest,
+        "plain string, stored",
+        &plain_event,
+        false,
+    )
+    .await;
     for (name, shape) in shapes {
         let refused = fit(limit, |n| shape(n, true));
-        assert!(refused.encoded_len() > 200_000, "{name} too small to prove anything");
-        let validation = cost(&router, &mut ingest, &format!("{name}, refused at its end"), &refused, true).await;
+        assert!(
+            refused.encoded_len() > 200_000,
+            "{name} too small to prove anything"
+        );
+        let validation = cost(
+            &router,
+            &mut ingest,
+            &format!("{name}, refused at its end"),
+            &refused,
+            true,
+        )
+        .await;
         assert!(
             validation < BOUND_MS,
             "{name}: {validation:.2} ms of CPU to decode and validate (bound {BOUND_MS} ms)"
         );
         let valid = fit(limit, |n| shape(n, false));
-        let stored = cost(&router, &mut ingest, &format!("{name}, stored"), &valid, false).await;
+        let stored = cost(
+            &router,
+            &mut ingest,
+            &format!("{name}, stored"),
+            &valid,
+            false,
+        )
+        .await;
         // Storing costs fsyncs and a blob file, whose kernel time varies from
         // run to run; a cost growing faster than the size would be hundreds
         // of ms here.
@@ -214,7 +251,12 @@ async fn idle_lanes_use_no_cpu_while_other_accounts_have_newer_events() {
         .await;
         ids.push(w.id);
     }
-    publish(&mut ingest, 1010, vec![event("mine", "COURSE_ENROLLMENT", 1)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("mine", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
     listener.wait_events(1, Duration::from_secs(10)).await;
     // The newest events belong to an account without webhooks.
     for i in 0..5 {

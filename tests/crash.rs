@@ -7,14 +7,14 @@
 //! publish outcome the kill left unknown included), each webhook saw every
 //! publisher's events in publish order, and the duplicates are counted.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::load::{check_deliveries, publish_for, random_ms, Ledger, Publisher, WEBHOOK_TYPES};
-use common::process::{write_router_config, RouterProcess};
-use common::*;
+use crate::common::load::{
+    check_every_lane, create_lane_webhooks, ingest_clients, lane_listeners, publish_for, random_ms,
+    Ledger, Publisher, WEBHOOK_TYPES,
+};
+use crate::common::process::{write_router_config, RouterProcess};
 use rand::{Rng, SeedableRng};
 
 const PUBLISHERS: usize = 4;
@@ -34,15 +34,7 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
     let config = write_router_config(dir.path(), 2_000, "batch_interval_ms = 200");
     // Listeners answer after a short random delay, so deliveries are in flight
     // when the kill comes.
-    let mut listeners = Vec::new();
-    for _ in WEBHOOK_TYPES {
-        listeners.push(
-            Listener::start(Arc::new(|n, _| {
-                (200, vec![], Duration::from_millis((n % 7) as u64 * 3))
-            }))
-            .await,
-        );
-    }
+    let listeners = lane_listeners(|n| (n % 7) as u64 * 3).await;
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut publishers: Vec<Publisher> = (0..PUBLISHERS)
@@ -50,23 +42,10 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
         .collect();
 
     let mut router = RouterProcess::start(&config);
-    {
-        let mut admin = router.admin().await;
-        for (i, (l, types)) in listeners.iter().zip(WEBHOOK_TYPES).enumerate() {
-            create(
-                &mut admin,
-                1010,
-                webhook(&format!("crash-{i}"), &l.url(), types, no_auth()),
-            )
-            .await;
-        }
-    }
+    create_lane_webhooks(&router, &listeners, "crash").await;
 
     for round in 0..KILLS {
-        let mut clients = Vec::new();
-        for _ in 0..PUBLISHERS {
-            clients.push(router.ingest().await);
-        }
+        let clients = ingest_clients(&router, PUBLISHERS).await;
         let run_for = random_ms(&mut rng, 150, 1_500);
         publish_for(&mut publishers, clients, &ledger, run_for, async {
             router.signal("-KILL");
@@ -104,16 +83,7 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
         acked >= 100,
         "too little was published to prove anything: {acked}"
     );
-    let mut duplicates_total = 0;
-    for (i, (l, types)) in listeners.iter().zip(WEBHOOK_TYPES).enumerate() {
-        let name = format!("webhook {i}");
-        let (arrivals, requests, duplicates) =
-            check_deliveries(&name, l, types, &ledger, Duration::from_secs(30)).await;
-        duplicates_total += duplicates;
-        println!(
-            "{name} {types:?}: {arrivals} arrivals in {requests} requests, {duplicates} duplicates"
-        );
-    }
+    let duplicates_total = check_every_lane(&listeners, &ledger, Duration::from_secs(30)).await;
     println!(
         "{KILLS} kills: {sent} events sent, {acked} acknowledged, {failed_calls} publish calls failed, \
          {duplicates_total} duplicate deliveries over {} webhooks, {:?} total",

@@ -1,11 +1,9 @@
 //! Delivery end to end: real router, real sled folder, real HTTP listeners.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn delivers_the_documented_body_and_headers() {

@@ -5,13 +5,11 @@
 //! key or with another one fails at once with a message saying so; a folder
 //! written without a key keeps working once a key is set.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use webhook_router::config::Config;

@@ -3,8 +3,6 @@
 //! healthy webhook of the same account keeps getting its events promptly.
 //! Faults are scripted on raw loopback TCP (and TLS) listeners.
 
-mod common;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -12,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

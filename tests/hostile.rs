@@ -4,14 +4,12 @@
 //! client cannot even build (strings that are not UTF-8, `data` nested
 //! thousands of levels deep) are hand-encoded and sent as raw bytes.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::{Buf, BufMut};
-use common::*;
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};

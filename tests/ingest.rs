@@ -3,13 +3,11 @@
 //! nesting depth, StreamEvents, durability across a restart and concurrent
 //! publishers sharing group commits.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use prost::Message;
 use prost_types::{value::Kind, FieldMask, ListValue, Struct, Value};
 use serde_json::json;

@@ -5,11 +5,9 @@
 //! `limits.max_request_bytes` is refused as INVALID_ARGUMENT naming the key,
 //! while a full request of maximal events under it is accepted.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;

@@ -2,12 +2,10 @@
 //! real HTTP listeners; scrape, publish and deliver, scrape again and check
 //! that the values moved (parsing the text exposition).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const PUBLISHED: &str = "webhook_router_events_published_total";
 const DELIVERIES: &str = "webhook_router_deliveries_total";

@@ -13,17 +13,15 @@
 //! the more forgiving model of a journaling filesystem; `POWER_CUTS` and
 //! `CRASH_SEED` set the number of cuts and the seed.
 
-mod common;
-#[path = "common/lossyfs.rs"]
-mod lossyfs;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::load::{check_deliveries, publish_for, random_ms, Ledger, Publisher, WEBHOOK_TYPES};
-use common::process::{write_router_config_with_data, RouterProcess};
-use common::*;
-use lossyfs::{LossyMount, Semantics};
+use crate::common::load::{
+    check_every_lane, create_lane_webhooks, ingest_clients, lane_listeners, publish_for, random_ms,
+    Ledger, Publisher,
+};
+use crate::common::lossyfs::{self, LossyMount, Semantics};
+use crate::common::process::{write_router_config_with_data, RouterProcess};
 use rand::{Rng, SeedableRng};
 
 const PUBLISHERS: usize = 4;
@@ -59,38 +57,17 @@ async fn power_cuts_under_load_lose_no_acknowledged_event() {
         2_000,
         "batch_interval_ms = 200",
     );
-    let mut listeners = Vec::new();
-    for _ in WEBHOOK_TYPES {
-        listeners.push(
-            Listener::start(Arc::new(|n, _| {
-                (200, vec![], Duration::from_millis((n % 5) as u64 * 2))
-            }))
-            .await,
-        );
-    }
+    let listeners = lane_listeners(|n| (n % 5) as u64 * 2).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut publishers: Vec<Publisher> = (0..PUBLISHERS)
         .map(|id| Publisher::new(id, seed, 20).with_large_events(200))
         .collect();
 
     let mut router = RouterProcess::start(&config);
-    {
-        let mut admin = router.admin().await;
-        for (i, (l, types)) in listeners.iter().zip(WEBHOOK_TYPES).enumerate() {
-            create(
-                &mut admin,
-                1010,
-                webhook(&format!("power-{i}"), &l.url(), types, no_auth()),
-            )
-            .await;
-        }
-    }
+    create_lane_webhooks(&router, &listeners, "power").await;
 
     for round in 0..cuts {
-        let mut clients = Vec::new();
-        for _ in 0..PUBLISHERS {
-            clients.push(router.ingest().await);
-        }
+        let clients = ingest_clients(&router, PUBLISHERS).await;
         let run_for = random_ms(&mut rng, 300, 1_500);
         publish_for(&mut publishers, clients, &ledger, run_for, async {
             router.signal("-KILL");
@@ -128,16 +105,7 @@ async fn power_cuts_under_load_lose_no_acknowledged_event() {
         acked >= 500,
         "too little was published to prove anything: {acked}"
     );
-    let mut duplicates_total = 0;
-    for (i, (l, types)) in listeners.iter().zip(WEBHOOK_TYPES).enumerate() {
-        let name = format!("webhook {i}");
-        let (arrivals, requests, duplicates) =
-            check_deliveries(&name, l, types, &ledger, Duration::from_secs(60)).await;
-        duplicates_total += duplicates;
-        println!(
-            "{name} {types:?}: {arrivals} arrivals in {requests} requests, {duplicates} duplicates"
-        );
-    }
+    let duplicates_total = check_every_lane(&listeners, &ledger, Duration::from_secs(60)).await;
     let blobs = std::fs::read_dir(disk.path().join("data/db/blobs"))
         .map(|d| d.count())
         .unwrap_or(0);

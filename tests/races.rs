@@ -3,13 +3,11 @@
 //! secret rotation during an attempt in flight leaves that attempt alone
 //! (one request, recorded), and a new target applies from the next attempt.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Update, Retire, Activate, Rotate and Redeliver on `webhook_id` in a loop
 /// until `stop`; errors (NOT_FOUND once deleted) are expected and ignored.
@@ -116,7 +114,10 @@ async fn deletion_is_final_whatever_races_it() {
         let got = listener
             .wait_until(Duration::from_secs(10), |r| !r.is_empty())
             .await;
-        assert!(!got.is_empty(), "round {round}: nothing delivered before the race");
+        assert!(
+            !got.is_empty(),
+            "round {round}: nothing delivered before the race"
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let mut churners = Vec::new();
         for _ in 0..4 {
@@ -182,10 +183,20 @@ async fn an_edit_and_a_rotation_during_an_attempt_leave_it_alone() {
     let w = create(
         &mut admin,
         1010,
-        webhook("slow", &listener.url(), &["COURSE_ENROLLMENT"], signature_auth()),
+        webhook(
+            "slow",
+            &listener.url(),
+            &["COURSE_ENROLLMENT"],
+            signature_auth(),
+        ),
     )
     .await;
-    publish(&mut ingest, 1010, vec![event("inflight-1", "COURSE_ENROLLMENT", 1)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("inflight-1", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
     let got = listener
         .wait_until(Duration::from_secs(5), |r| !r.is_empty())
         .await;
@@ -243,7 +254,11 @@ async fn an_edit_and_a_rotation_during_an_attempt_leave_it_alone() {
     let d = &delivered[0];
     assert_eq!(d.id, msg_id);
     assert_eq!(d.state, DeliveryState::Delivered as i32);
-    assert_eq!(d.attempts.len(), 1, "the attempt is in ListDeliveries: {d:?}");
+    assert_eq!(
+        d.attempts.len(),
+        1,
+        "the attempt is in ListDeliveries: {d:?}"
+    );
     assert_eq!(d.attempts[0].status_code, 200);
     assert!(d.attempts[0].latency_ms >= 2_000, "{:?}", d.attempts[0]);
 }
@@ -259,7 +274,12 @@ async fn a_new_target_applies_from_the_next_attempt() {
         webhook("moving", &failing.url(), &["COURSE_ENROLLMENT"], no_auth()),
     )
     .await;
-    publish(&mut ingest, 1010, vec![event("moved-1", "COURSE_ENROLLMENT", 1)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("moved-1", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
     failing
         .wait_until(Duration::from_secs(5), |r| !r.is_empty())
         .await;
@@ -286,5 +306,8 @@ async fn a_new_target_applies_from_the_next_attempt() {
     assert_eq!(d.len(), 1);
     let codes: Vec<u32> = d[0].attempts.iter().map(|a| a.status_code).collect();
     assert_eq!(codes.last(), Some(&200), "{codes:?}");
-    assert!(codes[..codes.len() - 1].iter().all(|c| *c == 500), "{codes:?}");
+    assert!(
+        codes[..codes.len() - 1].iter().all(|c| *c == 500),
+        "{codes:?}"
+    );
 }

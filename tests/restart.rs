@@ -1,14 +1,12 @@
 //! The real binary, killed and restarted on the same data folder: pending and
 //! retrying deliveries resume and every acknowledged event arrives.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::process::RouterProcess as Router;
-use common::*;
+use crate::common::process::RouterProcess as Router;
+use crate::common::*;
 use webhook_router::proto::v1::event_ingest_client::EventIngestClient;
 use webhook_router::proto::v1::webhook_admin_client::WebhookAdminClient;
 

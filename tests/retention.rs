@@ -5,15 +5,13 @@
 //! payload retried across the trim still goes out whole; delivered records
 //! are kept `retention_ms` from when they were delivered, not created.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const STORED: &str = "webhook_router_log_events_stored";
 const EXPIRED_TOTAL: &str = "webhook_router_events_expired_total";
@@ -113,10 +111,19 @@ async fn a_dead_letter_outlives_retention_and_is_redelivered_once() {
             .collect(),
     )
     .await;
-    let dead = wait_for_state(&mut admin, &w.id, DeliveryState::Dead, Duration::from_secs(10)).await;
+    let dead = wait_for_state(
+        &mut admin,
+        &w.id,
+        DeliveryState::Dead,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(dead.len(), 1, "one payload died: {dead:?}");
     assert_eq!(dead[0].event_ids, ids);
-    assert!(dead[0].finish_time.is_some(), "a dead delivery has a finish time");
+    assert!(
+        dead[0].finish_time.is_some(),
+        "a dead delivery has a finish time"
+    );
 
     // The event log's retention passes: the events are trimmed from it.
     let left = wait_stored_at_most(metrics, 0.0, Duration::from_secs(10)).await;
@@ -166,7 +173,11 @@ async fn a_dead_letter_outlives_retention_and_is_redelivered_once() {
         .iter()
         .filter(|r| r.event_ids() == ids)
         .collect();
-    assert_eq!(resent.len(), 1, "the dead letter went out once after recovery");
+    assert_eq!(
+        resent.len(),
+        1,
+        "the dead letter went out once after recovery"
+    );
     assert_eq!(
         resent[0].json()["events"][0]["data"]["loId"],
         "course:7",
@@ -178,7 +189,10 @@ async fn a_dead_letter_outlives_retention_and_is_redelivered_once() {
         .iter()
         .filter(|r| r.event_ids() == ids)
         .count();
-    assert_eq!(again, 1, "the dead letter was sent more than once (waited 1 s)");
+    assert_eq!(
+        again, 1,
+        "the dead letter was sent more than once (waited 1 s)"
+    );
     // And a third call after the redelivery requeues nothing either.
     assert_eq!(redeliver(&mut admin).await, 0);
 }
@@ -260,8 +274,13 @@ async fn a_retired_webhook_expires_while_the_log_is_trimmed_for_everyone() {
     listed.sort();
     let mut want = published.clone();
     want.sort();
-    assert_eq!(listed, want, "EXPIRED records list every event the webhook missed, once");
-    assert!(expired.iter().all(|d| d.attempts.is_empty() && d.finish_time.is_some()));
+    assert_eq!(
+        listed, want,
+        "EXPIRED records list every event the webhook missed, once"
+    );
+    assert!(expired
+        .iter()
+        .all(|d| d.attempts.is_empty() && d.finish_time.is_some()));
     let samples = scrape(metrics).await;
     assert_eq!(
         value(&samples, EXPIRED_TOTAL, &[("webhook_id", &b.id)]),
@@ -280,7 +299,12 @@ async fn a_retired_webhook_expires_while_the_log_is_trimmed_for_everyone() {
         })
         .await
         .unwrap();
-    publish(&mut ingest, 1010, vec![event("after", "COURSE_ENROLLMENT", 1)]).await;
+    publish(
+        &mut ingest,
+        1010,
+        vec![event("after", "COURSE_ENROLLMENT", 1)],
+    )
+    .await;
     let ids = retired_listener
         .wait_events(1, Duration::from_secs(10))
         .await;
@@ -324,14 +348,15 @@ async fn a_payload_retried_across_the_trim_is_delivered_whole_and_kept_from_its_
     let left = wait_stored_at_most(metrics, 0.0, Duration::from_secs(10)).await;
     assert_eq!(left, 0.0);
     assert!(
-        !list(&mut admin, &w.id, DeliveryState::Retrying).await.is_empty(),
+        !list(&mut admin, &w.id, DeliveryState::Retrying)
+            .await
+            .is_empty(),
         "the payload should still be retrying"
     );
     healthy.store(true, Ordering::SeqCst);
     let got = listener
         .wait_until(Duration::from_secs(10), |r| {
-            r.last().is_some_and(|r| r.event_ids() == ["k-1", "k-2"])
-                && listener_ok(&healthy)
+            r.last().is_some_and(|r| r.event_ids() == ["k-1", "k-2"]) && listener_ok(&healthy)
         })
         .await;
     let last = got.last().unwrap();
@@ -366,7 +391,10 @@ async fn a_payload_retried_across_the_trim_is_delivered_whole_and_kept_from_its_
         .await
         .is_empty()
     {
-        assert!(Instant::now() < deadline, "the delivered record was never purged");
+        assert!(
+            Instant::now() < deadline,
+            "the delivered record was never purged"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(finished.elapsed() >= Duration::from_millis(retention_ms));

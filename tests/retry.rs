@@ -1,13 +1,11 @@
 //! Retries, Retry-After, dead-lettering, 410, isolation between webhooks and
 //! the per-webhook rate limit, against real HTTP listeners.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 async fn get(admin: &mut Admin, webhook_id: &str) -> Webhook {
     admin

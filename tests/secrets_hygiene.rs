@@ -7,15 +7,13 @@
 //! tokens) appears neither in the log nor in the delivery log's attempt
 //! errors.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use tonic::transport::Channel;
 use webhook_router::proto::v1::event_ingest_client::EventIngestClient;
 use webhook_router::proto::v1::webhook_admin_client::WebhookAdminClient;

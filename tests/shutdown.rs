@@ -4,14 +4,12 @@
 //! cut and sent again after restart under the same webhook-id, the process
 //! exits 0, and every acknowledged event arrives after the restart.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::process::{write_router_config, RouterProcess};
-use common::*;
+use crate::common::process::{write_router_config, RouterProcess};
+use crate::common::*;
 
 const GRACE_MS: u64 = 2_000;
 

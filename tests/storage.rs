@@ -1,15 +1,13 @@
 //! Storage errors on the real binary: the data folder on a small tmpfs that
 //! fills up. Needs root (mount); fails with a clear message otherwise.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::process::{write_router_config, RouterProcess};
-use common::*;
+use crate::common::process::{write_router_config, RouterProcess};
+use crate::common::*;
 use prost_types::{value::Kind, Struct, Value};
 
 /// A tmpfs mounted on a temp folder; unmounted on drop.

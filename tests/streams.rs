@@ -7,15 +7,17 @@
 //! falls behind. A connection with no request open is closed after
 //! `limits.connection_idle_timeout_ms`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
 use tonic::Code;
+use webhook_router::proto::v1::webhook_admin_client::WebhookAdminClient;
 
-async fn open_watch(admin: &mut Admin) -> Result<tonic::Streaming<WatchDeliveriesResponse>, tonic::Status> {
+async fn open_watch(
+    admin: &mut Admin,
+) -> Result<tonic::Streaming<WatchDeliveriesResponse>, tonic::Status> {
     admin
         .watch_deliveries(WatchDeliveriesRequest {
             account_id: 1010,
@@ -72,7 +74,9 @@ async fn streams_past_the_per_token_limit_are_refused() {
             "{s:?}"
         );
     }
-    assert!(refused[0].message().contains("limits.max_streams_per_token"));
+    assert!(refused[0]
+        .message()
+        .contains("limits.max_streams_per_token"));
     assert_eq!(health_status(&server).await, 1, "SERVING");
     // Unary calls of the same token are served.
     admin
@@ -132,7 +136,10 @@ async fn an_open_stream_counts_against_the_concurrency_limit_for_its_life() {
     drop((watch_a, watch_b, tx, events));
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match admin.list_event_types(ListEventTypesRequest::default()).await {
+        match admin
+            .list_event_types(ListEventTypesRequest::default())
+            .await
+        {
             Ok(_) => break,
             Err(e) if Instant::now() < deadline && e.code() == Code::Unavailable => {
                 tokio::time::sleep(Duration::from_millis(20)).await
@@ -145,7 +152,9 @@ async fn an_open_stream_counts_against_the_concurrency_limit_for_its_life() {
 
 #[tokio::test]
 async fn a_watcher_sees_its_account_only_and_is_told_what_it_missed() {
-    const EVENTS: usize = 1_500;
+    // Well over the server's per-account buffer (1,024) plus what HTTP/2 flow
+    // control windows hold, so an unread watcher must fall behind.
+    const EVENTS: usize = 3_000;
     let (_dir, server, mut admin, mut ingest) =
         setup_with(|c| c.delivery.max_events_per_payload = 1).await;
     let listener = Listener::ok().await;
@@ -161,8 +170,20 @@ async fn a_watcher_sees_its_account_only_and_is_told_what_it_missed() {
         webhook("theirs", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
     )
     .await;
-    // Opened, then not read while 1,500 outcomes happen.
-    let mut watch = open_watch(&mut admin).await.unwrap();
+    // Opened, then not read while 3,000 outcomes happen. On a stream with the
+    // smallest HTTP/2 window (64 KiB; the client's default is 2 MiB, thousands
+    // of outcomes), so what the transport holds stays small. The connection
+    // window stays at its default: h2 clients size their budget for buffered
+    // small DATA frames from it, and a 64 KiB one ends the connection
+    // (ENHANCE_YOUR_CALM) after ~400 unread outcomes.
+    let narrow = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut watcher = WebhookAdminClient::with_interceptor(narrow, bearer(ADMIN));
+    let mut watch = open_watch(&mut watcher).await.unwrap();
     for chunk in 0..(EVENTS / 100) {
         for account in [1010, 1011] {
             let batch = (0..100)
@@ -177,7 +198,9 @@ async fn a_watcher_sees_its_account_only_and_is_told_what_it_missed() {
             publish(&mut ingest, account, batch).await;
         }
     }
-    listener.wait_events(2 * EVENTS, Duration::from_secs(60)).await;
+    listener
+        .wait_events(2 * EVENTS, Duration::from_secs(60))
+        .await;
     assert_eq!(listener.event_ids().len(), 2 * EVENTS);
     // Now read what the watcher got: deliveries of its account, and at least
     // one message saying how many it missed.
@@ -204,7 +227,9 @@ async fn a_watcher_sees_its_account_only_and_is_told_what_it_missed() {
             }
         }
     }
-    println!("watcher: {delivered} outcomes received, {missed} reported missed in {markers} markers");
+    println!(
+        "watcher: {delivered} outcomes received, {missed} reported missed in {markers} markers"
+    );
     assert!(markers >= 1, "a watcher that fell behind was not told");
     assert_eq!(delivered + missed, EVENTS as u64);
     drop(watch);
@@ -215,6 +240,9 @@ async fn a_watcher_sees_its_account_only_and_is_told_what_it_missed() {
 async fn idle_connections_are_closed_and_busy_ones_kept() {
     let (_dir, server, mut admin, _ingest) =
         setup_with(|c| c.limits.connection_idle_timeout_ms = 500).await;
+    // A stream open longer than the idle timeout keeps its connection busy;
+    // opened first, so the admin client's connection is never idle below.
+    let mut watch = open_watch(&mut admin).await.unwrap();
     // A connection that never sends a request is closed by the server.
     let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let started = Instant::now();
@@ -234,9 +262,7 @@ async fn idle_connections_are_closed_and_busy_ones_kept() {
         "closed before its idle timeout: {:?}",
         started.elapsed()
     );
-    // A stream open longer than the idle timeout keeps its connection.
-    let mut watch = open_watch(&mut admin).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let next = tokio::time::timeout(Duration::from_millis(200), watch.message()).await;
     assert!(
         next.is_err(),

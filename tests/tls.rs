@@ -2,11 +2,9 @@
 //! TLS to a client that trusts its certificate, and refuses plain text on the
 //! same port; a missing certificate file stops the start with a clear error.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use webhook_router::proto::v1::event_ingest_client::EventIngestClient;
 use webhook_router::proto::v1::webhook_admin_client::WebhookAdminClient;

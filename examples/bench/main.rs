@@ -471,8 +471,8 @@ fn event(i: u64, sent_ns: Option<u64>) -> pb::Event {
 /// The event as the router stores and sends it.
 fn sample_event_json(i: u64) -> String {
     let e = event(i, None);
-    let data =
-        webhook_router::api::convert::struct_to_json(e.data.as_ref(), 0, || "data".into()).expect("valid data");
+    let data = webhook_router::api::convert::struct_to_json(e.data.as_ref(), 0, || "data".into())
+        .expect("valid data");
     webhook_router::domain::event::render_event_json(
         &e.event_id,
         &e.event_name,

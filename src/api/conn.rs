@@ -3,8 +3,12 @@
 //! ~40 ms per unary call without) and a count of the requests open on it,
 //! shared with the request layers through [`ConnInfo`] in each request's
 //! extensions. A connection with no request open for
-//! `limits.connection_idle_timeout_ms` is closed: its reads end as if the
-//! peer had hung up, so idle and forgotten connections cannot pile up.
+//! `limits.connection_idle_timeout_ms` is closed: once nothing is left to
+//! read, its reads end as if the peer had hung up, so idle and forgotten
+//! connections cannot pile up. The close is a plain TCP close, not an HTTP/2
+//! GOAWAY: a request the client sends while the close is on its way (a
+//! network round trip) fails with UNAVAILABLE or CANCELLED and is safe to
+//! retry, as nothing of it was read.
 //! (HTTP/2 keepalive pings, which find peers that are gone, are set on the
 //! server itself.)
 
@@ -124,6 +128,12 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // Bytes that have arrived are always read first: a request sent just
+        // as the timeout expires is served, not cut off.
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if read.is_ready() {
+            return read;
+        }
         if let Some(timeout) = this.idle_timeout {
             if this.info.activity.open.load(Ordering::Acquire) == 0 {
                 let deadline = this.info.activity.idle_since() + timeout;
@@ -135,10 +145,12 @@ impl AsyncRead for Conn {
                     this.timer.as_mut().reset(deadline);
                 }
                 // Wakes this read when the connection has been idle long enough.
-                let _ = this.timer.as_mut().poll(cx);
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
             }
         }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
+        Poll::Pending
     }
 }
 

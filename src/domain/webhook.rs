@@ -317,7 +317,10 @@ mod tests {
         for (given, stored) in [
             ("https:///example.com/x", "https://example.com/x"),
             ("HTTPS://Example.COM", "https://example.com/"),
-            ("https://example.com:443/a/../b?q=1", "https://example.com/b?q=1"),
+            (
+                "https://example.com:443/a/../b?q=1",
+                "https://example.com/b?q=1",
+            ),
         ] {
             let mut w = sample();
             w.target_url = given.into();

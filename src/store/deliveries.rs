@@ -592,19 +592,45 @@ impl Store {
         scan_limit: usize,
         now_ms: i64,
     ) -> Result<Take> {
+        let take = self.with_lane(key, |slot| {
+            self.take_locked(slot, key, filter, max_events, batch_due, scan_limit, now_ms)
+        })?;
+        Ok(take.unwrap_or(Take::Gone))
+    }
+
+    /// Runs `f` under the lane's lock, unless its webhook was deleted (None).
+    fn with_lane<T>(
+        &self,
+        key: &LaneKey,
+        f: impl FnOnce(&mut LaneSlot) -> Result<T>,
+    ) -> Result<Option<T>> {
         let registry = &self.inner.lane_registry;
         if registry.is_deleted(&key.webhook_id) {
-            return Ok(Take::Gone);
+            return Ok(None);
         }
         let slot = registry.slot_of(key);
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         // Under the slot's lock: a deletion that got here first wins.
         if registry.is_deleted(&key.webhook_id) {
-            return Ok(Take::Gone);
+            return Ok(None);
         }
-        self.seed_tally(&mut slot, key, filter)?;
+        f(&mut slot).map(Some)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn take_locked(
+        &self,
+        slot: &mut LaneSlot,
+        key: &LaneKey,
+        filter: &LaneFilter,
+        max_events: usize,
+        batch_due: bool,
+        scan_limit: usize,
+        now_ms: i64,
+    ) -> Result<Take> {
+        self.seed_tally(slot, key, filter)?;
         let tally = slot.tally.clone();
-        let mut state = self.lane_state(&mut slot, key)?;
+        let mut state = self.lane_state(slot, key)?;
         if let Some(head) = state.head.clone() {
             match self.delivery(&key.webhook_id, &head)? {
                 Some(mut r) if !r.state.is_final() => {
@@ -707,14 +733,11 @@ impl Store {
         record: &mut DeliveryRecord,
         events: &[StoredEvent],
     ) -> Result<()> {
-        let registry = &self.inner.lane_registry;
-        let slot = registry.slot_of(key);
-        let _slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if registry.is_deleted(&key.webhook_id) {
-            return Ok(());
-        }
-        self.keep_events(record, events)?;
-        self.put_record(record)
+        self.with_lane(key, |_| {
+            self.keep_events(record, events)?;
+            self.put_record(record)
+        })
+        .map(drop)
     }
 
     /// Records the lane's head as finished (DELIVERED or DEAD), with its
@@ -725,20 +748,17 @@ impl Store {
         record: &mut DeliveryRecord,
         events: &[StoredEvent],
     ) -> Result<()> {
-        let registry = &self.inner.lane_registry;
-        let slot = registry.slot_of(key);
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if registry.is_deleted(&key.webhook_id) {
-            return Ok(());
-        }
-        self.record_finished(record, events)?;
-        if let Some(s) = &mut slot.state {
-            if s.head.as_deref() == Some(record.id.as_str()) {
-                s.head = None;
-                slot.tally.set_head(&[]);
+        self.with_lane(key, |slot| {
+            self.record_finished(record, events)?;
+            if let Some(s) = &mut slot.state {
+                if s.head.as_deref() == Some(record.id.as_str()) {
+                    s.head = None;
+                    slot.tally.set_head(&[]);
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .map(drop)
     }
 
     /// Writes a finished record and its index entries (see the module doc
@@ -939,13 +959,21 @@ impl Store {
         horizon: u64,
         now_ms: i64,
     ) -> Result<u64> {
-        let registry = &self.inner.lane_registry;
-        let slot = registry.slot_of(key);
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if registry.is_deleted(&key.webhook_id) {
-            return Ok(0);
-        }
-        let mut state = self.lane_state(&mut slot, key)?;
+        let expired = self.with_lane(key, |slot| {
+            self.expire_locked(slot, key, filter, horizon, now_ms)
+        })?;
+        Ok(expired.unwrap_or(0))
+    }
+
+    fn expire_locked(
+        &self,
+        slot: &mut LaneSlot,
+        key: &LaneKey,
+        filter: &LaneFilter,
+        horizon: u64,
+        now_ms: i64,
+    ) -> Result<u64> {
+        let mut state = self.lane_state(slot, key)?;
         if let Some(head) = &state.head {
             if let Some(mut r) = self.delivery(&key.webhook_id, head)? {
                 let needs_log = !r.state.is_final()

@@ -11,7 +11,8 @@ use std::time::Duration;
 use prost_types::{value::Kind, ListValue, Struct, Value};
 use rand::Rng;
 
-use super::{Event, Ingest, Listener, PublishEventsRequest};
+use super::process::RouterProcess;
+use super::{create, no_auth, webhook, Event, Ingest, Listener, PublishEventsRequest};
 
 pub const REALTIME: &str = "COURSE_ENROLLMENT";
 pub const BATCH: &str = "COURSE_ENROLLMENT_BATCH";
@@ -311,4 +312,64 @@ pub async fn check_deliveries(
 /// Picks a random duration in `[from_ms, to_ms)`.
 pub fn random_ms(rng: &mut impl Rng, from_ms: u64, to_ms: u64) -> Duration {
     Duration::from_millis(rng.gen_range(from_ms..to_ms))
+}
+
+/// One listener per entry of [`WEBHOOK_TYPES`], answering after a short
+/// delay that varies (so deliveries are in flight when a crash comes).
+pub async fn lane_listeners(
+    delay_ms: impl Fn(usize) -> u64 + Copy + Send + Sync + 'static,
+) -> Vec<Listener> {
+    let mut listeners = Vec::new();
+    for _ in WEBHOOK_TYPES {
+        listeners.push(
+            Listener::start(Arc::new(move |n, _| {
+                (200, vec![], Duration::from_millis(delay_ms(n)))
+            }))
+            .await,
+        );
+    }
+    listeners
+}
+
+/// Creates a webhook of account 1010 per listener, with the event types of
+/// [`WEBHOOK_TYPES`] in order, named `{prefix}-{i}`.
+pub async fn create_lane_webhooks(router: &RouterProcess, listeners: &[Listener], prefix: &str) {
+    let mut admin = router.admin().await;
+    for (i, (l, types)) in listeners.iter().zip(WEBHOOK_TYPES).enumerate() {
+        create(
+            &mut admin,
+            1010,
+            webhook(&format!("{prefix}-{i}"), &l.url(), types, no_auth()),
+        )
+        .await;
+    }
+}
+
+/// One ingest client (its own connection) per publisher.
+pub async fn ingest_clients(router: &RouterProcess, n: usize) -> Vec<Ingest> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(router.ingest().await);
+    }
+    clients
+}
+
+/// [`check_deliveries`] for every listener made by [`lane_listeners`];
+/// prints a line per webhook and returns the duplicates in all.
+pub async fn check_every_lane(
+    listeners: &[Listener],
+    ledger: &Mutex<Ledger>,
+    timeout: Duration,
+) -> usize {
+    let mut duplicates_total = 0;
+    for (i, (l, types)) in listeners.iter().zip(WEBHOOK_TYPES).enumerate() {
+        let name = format!("webhook {i}");
+        let (arrivals, requests, duplicates) =
+            check_deliveries(&name, l, types, ledger, timeout).await;
+        duplicates_total += duplicates;
+        println!(
+            "{name} {types:?}: {arrivals} arrivals in {requests} requests, {duplicates} duplicates"
+        );
+    }
+    duplicates_total
 }

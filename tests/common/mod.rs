@@ -536,4 +536,5 @@ pub async fn scrape_until(addr: SocketAddr, pred: impl Fn(&[Sample]) -> bool) ->
 // ------------------------------------------------------------ real binary
 
 pub mod load;
+pub mod lossyfs;
 pub mod process;
