@@ -342,24 +342,68 @@ pub(super) struct LaneRead {
     pub capped: bool,
 }
 
+/// One publish call waiting for the log writer.
+pub(super) struct AppendJob {
+    account_id: u64,
+    events: Vec<NewEvent>,
+    ingest_ms: i64,
+    reply: tokio::sync::oneshot::Sender<Result<Written>>,
+}
+
+/// What the writer hands back to a job: outcomes, first sequence number,
+/// last sequence number of the log after the round, group-commit ticket,
+/// and the job's events.
+type Written = (Vec<AppendOutcome>, u64, u64, u64, Vec<NewEvent>);
+
+/// Publish calls waiting to be written, and whether a writer is running.
+#[derive(Default)]
+pub(super) struct AppendQueue {
+    jobs: std::collections::VecDeque<AppendJob>,
+    writing: bool,
+}
+
+/// Most event bytes one writer round puts in one sled batch; a round takes
+/// at least one call, whatever its size.
+const ROUND_BYTES: usize = 8 << 20;
+
 impl Store {
     /// Appends events to the account's log, all or none, skipping ids already
-    /// present. Durable when it returns Ok (group commit). The locked part
-    /// runs on a blocking thread, not on the caller's async worker.
+    /// present. Durable when it returns Ok (group commit).
+    ///
+    /// Concurrent calls are merged: each call queues its events, and one
+    /// writer on a blocking thread takes every call queued so far into one
+    /// sled batch (sled seals and writes out its I/O buffer on every batch,
+    /// so one batch per call made many small concurrent calls wait on
+    /// sled's write-out threads). Each call still succeeds or fails as a
+    /// whole, and its events keep consecutive sequence numbers.
     pub async fn append_events(
         &self,
         account_id: u64,
         events: Vec<NewEvent>,
         ingest_ms: i64,
     ) -> Result<Appended> {
-        let store = self.clone();
-        let (outcomes, first_seq, last_seq, ticket, events) =
-            tokio::task::spawn_blocking(move || {
-                let r = store.append_locked(account_id, &events, ingest_ms);
-                r.map(|(o, f, l, t)| (o, f, l, t, events))
-            })
+        let (reply, written) = tokio::sync::oneshot::channel();
+        let start_writer = {
+            let mut q = self
+                .inner
+                .append_queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            q.jobs.push_back(AppendJob {
+                account_id,
+                events,
+                ingest_ms,
+                reply,
+            });
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if start_writer {
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || store.write_queued());
+        }
+        let (outcomes, first_seq, last_seq, ticket, events) = written
             .await
-            .map_err(|e| Error::Internal(format!("append task: {e}")))??;
+            .map_err(|_| Error::Internal("the log writer stopped".into()))??;
         self.inner.commit.durable(ticket).await?;
         // Tickets and sequence numbers are handed out in the same order under
         // the append lock, so everything up to `last_seq` is durable now.
@@ -383,61 +427,118 @@ impl Store {
         })
     }
 
-    /// The part of an append under the append lock: duplicates, sequence
-    /// numbers, one sled batch; returns the outcomes, the first and last
-    /// sequence numbers and the group-commit ticket to wait for.
-    fn append_locked(
-        &self,
-        account_id: u64,
-        events: &[NewEvent],
-        ingest_ms: i64,
-    ) -> Result<(Vec<AppendOutcome>, u64, u64, u64)> {
+    /// The log writer: writes queued calls in rounds until the queue is
+    /// empty. Blocking.
+    fn write_queued(&self) {
+        loop {
+            let round = {
+                let mut q = self
+                    .inner
+                    .append_queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let mut round = Vec::new();
+                let mut bytes = 0;
+                while let Some(job) = q.jobs.front() {
+                    let size: usize = job.events.iter().map(chunk_bytes).sum();
+                    if !round.is_empty() && bytes + size > ROUND_BYTES {
+                        break;
+                    }
+                    bytes += size;
+                    round.extend(q.jobs.pop_front());
+                }
+                if round.is_empty() {
+                    q.writing = false;
+                    return;
+                }
+                round
+            };
+            self.write_round(round);
+        }
+    }
+
+    /// One round of the writer: duplicates, sequence numbers and one sled
+    /// batch for every call in `round`, under the append lock.
+    fn write_round(&self, round: Vec<AppendJob>) {
         let mut state = self
             .inner
             .append_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let mut batch = sled::Batch::default();
-        let first = state.last_seq + 1;
-        let mut seen_here = HashSet::with_capacity(events.len());
-        let mut outcomes = Vec::with_capacity(events.len());
-        let mut fresh = Vec::with_capacity(events.len());
-        for e in events {
-            let ikey = index_key(account_id, &e.event_id);
-            let duplicate =
-                !seen_here.insert(e.event_id.as_str()) || self.inner.log.contains_key(&ikey)?;
-            if !duplicate {
-                let seq = first + fresh.len() as u64;
-                batch.insert(ikey, &seq.to_be_bytes());
-                fresh.push(e);
-            }
-            outcomes.push(AppendOutcome {
-                event_id: e.event_id.clone(),
-                duplicate,
-            });
-        }
         let mut seq = state.last_seq;
-        if !fresh.is_empty() {
+        // Ids stored by this round, per account: a later call's repeat of
+        // one is a duplicate, as it would be one call later.
+        let mut seen: HashSet<(u64, &str)> = HashSet::new();
+        let mut placed = Vec::with_capacity(round.len());
+        let mut failed = None;
+        for job in &round {
+            let first = seq + 1;
+            let mut outcomes = Vec::with_capacity(job.events.len());
+            let mut fresh = Vec::with_capacity(job.events.len());
+            for e in &job.events {
+                let ikey = index_key(job.account_id, &e.event_id);
+                let duplicate = if !seen.insert((job.account_id, e.event_id.as_str())) {
+                    true
+                } else {
+                    match self.inner.log.contains_key(&ikey) {
+                        Ok(d) => d,
+                        Err(err) => {
+                            failed = Some(err);
+                            break;
+                        }
+                    }
+                };
+                if !duplicate {
+                    batch.insert(ikey, &(first + fresh.len() as u64).to_be_bytes());
+                    fresh.push(e);
+                }
+                outcomes.push(AppendOutcome {
+                    event_id: e.event_id.clone(),
+                    duplicate,
+                });
+            }
             let mut chunk_first = first;
             for chunk in chunks_of(&fresh) {
                 batch.insert(
-                    &event_key(account_id, chunk_first),
-                    encode_chunk(ingest_ms, chunk.iter().copied()),
+                    &event_key(job.account_id, chunk_first),
+                    encode_chunk(job.ingest_ms, chunk.iter().copied()),
                 );
                 chunk_first += chunk.len() as u64;
             }
             seq += fresh.len() as u64;
-            let stored = state.stored + fresh.len() as u64;
-            batch.insert(HIGH_WATER, &seq.to_be_bytes());
-            batch.insert(STORED, &stored.to_be_bytes());
-            self.inner
-                .log
-                .apply_batch(batch)
-                .inspect_err(|e| self.inner.commit.note_error(e))?;
-            state.last_seq = seq;
-            state.stored = stored;
+            placed.push((outcomes, first));
         }
-        Ok((outcomes, first, seq, self.inner.commit.ticket()))
+        let stored = state.stored + (seq - state.last_seq);
+        let applied = match failed {
+            Some(e) => Err(e),
+            None if seq == state.last_seq => Ok(()),
+            None => {
+                batch.insert(HIGH_WATER, &seq.to_be_bytes());
+                batch.insert(STORED, &stored.to_be_bytes());
+                self.inner.log.apply_batch(batch)
+            }
+        };
+        let ticket = match applied {
+            Ok(()) => {
+                state.last_seq = seq;
+                state.stored = stored;
+                Ok(self.inner.commit.ticket())
+            }
+            Err(e) => {
+                self.inner.commit.note_error(&e);
+                Err(e)
+            }
+        };
+        drop(state);
+        for (job, (outcomes, first)) in round.into_iter().zip(placed) {
+            let result = match &ticket {
+                Ok(t) => Ok((outcomes, first, seq, *t, job.events)),
+                Err(e) => Err(Error::from(e.clone())),
+            };
+            // A caller that went away no longer needs its answer.
+            let _ = job.reply.send(result);
+        }
     }
 
     /// Events stored in the log, all accounts together.

@@ -65,6 +65,8 @@ struct Inner {
     admin_lock: std::sync::Mutex<()>,
     /// Serialises appends: idempotency checks and sequence numbers.
     append_lock: std::sync::Mutex<log::AppendState>,
+    /// Publish calls waiting for the log writer (see `append_events`).
+    append_queue: std::sync::Mutex<log::AppendQueue>,
     commit: GroupCommit,
     /// Highest log sequence number known durable: every event up to it was
     /// acknowledged or is on disk. Lanes read no further (see
@@ -132,6 +134,7 @@ impl Store {
             db,
             admin_lock: std::sync::Mutex::new(()),
             append_lock: std::sync::Mutex::new(append_state),
+            append_queue: std::sync::Mutex::default(),
             lane_registry: deliveries::LaneRegistry::default(),
         };
         let store = Store {
