@@ -136,6 +136,11 @@ pub struct Delivery {
     pub max_events_per_payload: u32,
     /// How often batch-mode events are sent.
     pub batch_interval_ms: u64,
+    /// How far successful outcomes may lag in the delivery log: they are
+    /// written in batches at least this often (and every 256 per lane). A
+    /// crash inside the window repeats those deliveries, with the same
+    /// `webhook-id`; it never skips one.
+    pub log_flush_ms: u64,
     /// Requests per second to one webhook.
     pub rate_limit_per_second: u32,
     /// TCP (and TLS) connect timeout.
@@ -257,6 +262,7 @@ impl Default for Delivery {
             allow_private_targets: false,
             max_events_per_payload: 100,
             batch_interval_ms: 60_000,
+            log_flush_ms: 100,
             rate_limit_per_second: 50,
             connect_timeout_ms: 10_000,
             request_timeout_ms: 5_000,
@@ -378,6 +384,7 @@ impl Config {
         }
         for (key, value) in [
             ("delivery.batch_interval_ms", d.batch_interval_ms),
+            ("delivery.log_flush_ms", d.log_flush_ms),
             ("delivery.connect_timeout_ms", d.connect_timeout_ms),
             ("delivery.request_timeout_ms", d.request_timeout_ms),
             ("delivery.retry_initial_ms", d.retry_initial_ms),

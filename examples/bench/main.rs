@@ -8,10 +8,12 @@
 //! cargo run --release --example bench -- requests   [--events N]
 //! cargo run --release --example bench -- latency    [--seconds S] [--rate R]
 //! cargo run --release --example bench -- backlog    [--events N]
+//! cargo run --release --example bench -- peer       [--calls N] [--callers C]
 //! cargo run --release --example bench -- all
 //! cargo run --example bench -- smoke                (small N; fails unless every event arrives)
 //! ```
 
+mod peer;
 mod router;
 mod sample;
 mod sink;
@@ -68,6 +70,13 @@ enum Scenario {
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
     },
+    /// One-event calls from many callers, end to end, beside a raw gRPC ceiling.
+    Peer {
+        #[arg(long, default_value_t = 20_000)]
+        calls: u64,
+        #[arg(long, default_value_t = 64)]
+        callers: usize,
+    },
     /// Every scenario at its default size.
     All,
     /// Every scenario at a small size; exits non-zero unless every event arrived.
@@ -101,12 +110,15 @@ fn main() -> ExitCode {
             Scenario::Requests { events } => requests(events).await,
             Scenario::Latency { seconds, rate } => latency(seconds, rate).await,
             Scenario::Backlog { events } => backlog(events).await,
+            Scenario::Peer { calls, callers } => peer(calls, callers).await,
             Scenario::All => {
                 let mut ok = ingest(400_000).await;
                 ok &= fanout(100_000).await;
                 ok &= requests(20_000).await;
                 ok &= latency(30, 1_000).await;
                 ok &= backlog(1_000_000).await;
+                ok &= peer(20_000, 64).await;
+                ok &= peer(20_000, 16).await;
                 ok
             }
             Scenario::Smoke => {
@@ -119,6 +131,7 @@ fn main() -> ExitCode {
                 ok &= requests(500).await;
                 ok &= latency(2, 200).await;
                 ok &= backlog(5_000).await;
+                ok &= peer(500, 16).await;
                 ok
             }
             Scenario::Router { .. } => unreachable!("handled above"),
@@ -315,12 +328,7 @@ async fn latency(seconds: u64, rate: u64) -> bool {
     lat.sort_unstable();
     let mut acks = acks;
     acks.sort_unstable();
-    let p = |v: &[u64], q: f64| -> u64 {
-        if v.is_empty() {
-            return 0;
-        }
-        v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]
-    };
+    let p = percentile;
     let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
     table(
         &format!("latency: {rate} events/s for {seconds} s, 1 event/request, 1 webhook, signed"),
@@ -444,6 +452,102 @@ async fn backlog(n: u64) -> bool {
         ],
     );
     complete
+}
+
+async fn peer(n: u64, callers: usize) -> bool {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let epoch = Instant::now();
+    let sink = Sink::start(1, n, epoch).await;
+    let router = Router::start(&base_config(&dir.path().join("data"))).await;
+    create_webhooks(&router, &sink, 1).await;
+    let mut clients = Vec::new();
+    for _ in 0..peer::CONNECTIONS {
+        clients.push(router.ingest().await);
+    }
+    let one_event = move |i: u64| pb::PublishEventsRequest {
+        account_id: ACCOUNT,
+        events: vec![event(i, Some(epoch.elapsed().as_nanos() as u64))],
+    };
+    let cpu0 = router.cpu();
+    let start = epoch.elapsed();
+    let (publish_took, mut acks) = peer::drive(&clients, n, callers, one_event).await;
+    let complete = sink.wait_complete(n, Duration::from_secs(120)).await;
+    let cpu = router.cpu().saturating_sub(cpu0);
+    let (_, last) = sink.first_last();
+    let end_to_end = n as f64 / last.saturating_sub(start).as_secs_f64();
+    drop(router);
+
+    // The ceiling: the same calls against a server that only answers.
+    let ceiling_addr = peer::start_ceiling().await;
+    let ceiling_clients = peer::clients_of(ceiling_addr).await;
+    let (ceiling_took, _) = peer::drive(&ceiling_clients, n, callers, move |i| {
+        pb::PublishEventsRequest {
+            account_id: ACCOUNT,
+            events: vec![event(i, Some(0))],
+        }
+    })
+    .await;
+    let ceiling = n as f64 / ceiling_took.as_secs_f64();
+    let ratio = end_to_end / ceiling;
+
+    let mut lat = sink.latencies_us.lock().expect("latencies").clone();
+    lat.sort_unstable();
+    acks.sort_unstable();
+    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+    let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    table(
+        &format!(
+            "peer: {n} PublishEvents calls of 1 event, {callers} callers over {} connections, 1 signed webhook",
+            peer::CONNECTIONS
+        ),
+        &[
+            row(
+                "end to end (first call to last delivery): deliveries/s",
+                fmt_rate(end_to_end),
+                ">= 12,000",
+                end_to_end >= 12_000.0,
+            ),
+            row(
+                "raw gRPC ceiling (answers at once): calls/s",
+                fmt_rate(ceiling),
+                "",
+                true,
+            ),
+            row(
+                "router end to end / raw ceiling",
+                format!("{:.0}%", 100.0 * ratio),
+                ">= 50%",
+                ratio >= 0.5,
+            ),
+            row("publishing alone: calls/s", fmt_rate(n as f64 / publish_took.as_secs_f64()), "", true),
+            row("publish-to-receive p50", ms(p50), "", true),
+            row("publish-to-receive p99", ms(p99), "<= 10 ms", p99 <= 10_000),
+            row(
+                "publish ack p50 / p99",
+                format!("{} / {}", ms(percentile(&acks, 0.5)), ms(percentile(&acks, 0.99))),
+                "",
+                true,
+            ),
+            row(
+                "HTTP requests",
+                sink.requests.load(Ordering::Relaxed).to_string(),
+                "",
+                true,
+            ),
+            row("router CPU per message", fmt_us(cpu, n), "", true),
+            row("duplicates", sink.duplicates().to_string(), "", true),
+            completeness(&sink, n),
+        ],
+    );
+    complete
+}
+
+/// The `q` quantile of sorted `v` (0 when empty).
+fn percentile(v: &[u64], q: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
 // ------------------------------------------------------------------ helpers

@@ -204,9 +204,18 @@ impl Router {
     }
 
     pub async fn ingest(&self) -> Ingest {
-        EventIngestClient::with_interceptor(self.channel().await, bearer(INGEST))
-            .max_encoding_message_size(64 << 20)
+        ingest_at(self.addr).await
     }
+}
+
+/// An ingest client of the gRPC server at `addr`, on its own connection.
+pub async fn ingest_at(addr: SocketAddr) -> Ingest {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    EventIngestClient::with_interceptor(channel, bearer(INGEST)).max_encoding_message_size(64 << 20)
 }
 
 impl Drop for Router {

@@ -231,6 +231,12 @@ impl Lane {
                             Ok(r)
                         })
                         .await;
+                    // On disk before the retry wait: a crash then resumes
+                    // this schedule, under the same id, with its attempts.
+                    let saved = match saved {
+                        Ok(r) => store.flush().await.map(|_| r),
+                        Err(e) => Err(e),
+                    };
                     match saved {
                         Ok(r) => {
                             shared.lock().unwrap_or_else(|p| p.into_inner()).events_kept =

@@ -143,6 +143,7 @@ impl Dispatcher {
             dispatcher.refresh(w.account_id, &w.id).await;
         }
         tokio::spawn(janitor(dispatcher.clone()));
+        tokio::spawn(log_writer(dispatcher.clone()));
         Ok(dispatcher)
     }
 
@@ -391,6 +392,10 @@ impl Dispatcher {
             }
         }
         drop(sets);
+        // What the lanes delivered and did not write yet.
+        if let Err(e) = self.inner.store.blocking(|s| s.save_lanes()).await {
+            tracing::error!(error = %e, "cannot write the last delivery outcomes");
+        }
     }
 
     /// Marks a webhook disabled by the service and pauses its lanes.
@@ -413,6 +418,22 @@ impl Dispatcher {
             }
             Err(Error::NotFound(_)) => {}
             Err(e) => tracing::error!(webhook_id, error = %e, "cannot disable webhook"),
+        }
+    }
+}
+
+/// Writes the lanes' delivered records and cursors every
+/// `delivery.log_flush_ms` (see `store/deliveries.rs`), on a blocking thread.
+async fn log_writer(d: Dispatcher) {
+    let period = Duration::from_millis(d.inner.config.delivery.log_flush_ms);
+    let mut stop = d.inner.stop.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = d.inner.store.blocking(|s| s.save_lanes()).await {
+            tracing::error!(error = %e, "cannot write delivery outcomes; retrying");
         }
     }
 }

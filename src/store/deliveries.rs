@@ -10,6 +10,15 @@
 //! finished delivery; the cache knows better, and after a restart the lane
 //! just clears it.
 //!
+//! Nothing is written before a new payload is sent: its id is derived from
+//! the lane and its events (see [`delivery_id`]), so a payload rebuilt from
+//! the same events after a crash keeps its `webhook-id`. A payload that
+//! fails is recorded (record, then the lane state naming it) before its
+//! retry wait. Delivered ones wait in the slot and are written in batches
+//! by [`Store::save_lanes`] (every `delivery.log_flush_ms`, at shutdown, and
+//! whenever a lane has [`MAX_UNSAVED`]); until then the stored cursor stays
+//! before them, so a crash repeats those deliveries and never skips one.
+//!
 //! Keys of the `lanes` tree (`wh` is the webhook id, `m` the mode byte):
 //! - `L` wh `/` m → [`LaneState`] (JSON).
 //! - `D` wh `/` id → [`DeliveryRecord`] (JSON).
@@ -164,6 +173,15 @@ impl LaneTally {
         }
     }
 
+    /// The head's events go back after the cursor (a payload taken again).
+    fn head_returned(&self) {
+        let n = self.head_events.swap(0, Ordering::AcqRel);
+        if self.seeded() {
+            self.pending.fetch_add(n as i64, Ordering::AcqRel);
+        }
+        self.head_ingest_ms.store(0, Ordering::Release);
+    }
+
     fn set_head(&self, events: &[StoredEvent]) {
         self.head_events
             .store(events.len() as u64, Ordering::Release);
@@ -214,7 +232,17 @@ impl LaneTally {
 pub(super) struct LaneSlot {
     state: Option<LaneState>,
     tally: Arc<LaneTally>,
+    /// The head is a new delivery not written yet; the cursor before it
+    /// was taken (what the stored state says until it is recorded).
+    fresh_from: Option<u64>,
+    /// Delivered records not written yet, oldest first.
+    unsaved: Vec<DeliveryRecord>,
+    /// The cached state is ahead of the stored one.
+    dirty: bool,
 }
+
+/// Most delivered records a lane keeps unwritten; one more writes them.
+const MAX_UNSAVED: usize = 256;
 
 /// A lane's slot, shared by whoever works on the lane.
 type SharedSlot = Arc<Mutex<LaneSlot>>;
@@ -286,6 +314,26 @@ impl LaneRegistry {
             lanes.retain(|(k, _)| k.webhook_id != webhook_id);
         }
     }
+}
+
+/// The id of a new delivery of `events` on lane `key`: the first event's
+/// ingest time (so ids still sort roughly by time) and a hash of the lane
+/// and the event range. Sequence numbers are never reused, so the id is
+/// unique; the same events on the same lane give the same id.
+fn delivery_id(key: &LaneKey, events: &[StoredEvent]) -> String {
+    let first = events.first().map_or(0, |e| e.seq);
+    let last = events.last().map_or(0, |e| e.seq);
+    let time = events.first().map_or(0, |e| e.ingest_time_ms);
+    crate::domain::ids::derived_id(
+        crate::domain::ids::DELIVERY_PREFIX,
+        time,
+        &[
+            key.webhook_id.as_bytes(),
+            &[mode_byte(key.mode)],
+            &first.to_be_bytes(),
+            &last.to_be_bytes(),
+        ],
+    )
 }
 
 fn mode_byte(m: ModeTag) -> u8 {
@@ -631,6 +679,14 @@ impl Store {
         self.seed_tally(slot, key, filter)?;
         let tally = slot.tally.clone();
         let mut state = self.lane_state(slot, key)?;
+        if let Some(cursor) = slot.fresh_from.take() {
+            // A new payload that was never attempted (the lane stopped or
+            // paused first): take its events again, under the same id.
+            state.cursor = cursor;
+            state.head = None;
+            slot.state = Some(state.clone());
+            tally.head_returned();
+        }
         if let Some(head) = state.head.clone() {
             match self.delivery(&key.webhook_id, &head)? {
                 Some(mut r) if !r.state.is_final() => {
@@ -658,6 +714,11 @@ impl Store {
         let prefix = requeued_key(&key.webhook_id, key.mode, "");
         if let Some(item) = self.inner.lanes.scan_prefix(&prefix).next() {
             let (qkey, _) = item?;
+            // The batch below stores the cached cursor: what it covers first.
+            if slot.dirty {
+                slot.state = Some(state.clone());
+                self.save_lane(slot, &key.webhook_id, key.mode)?;
+            }
             let id = String::from_utf8_lossy(&qkey[prefix.len()..]).into_owned();
             state.head = Some(id.clone());
             let mut batch = sled::Batch::default();
@@ -692,26 +753,30 @@ impl Store {
         if read.events.is_empty() {
             if read.scanned_to > state.cursor {
                 state.cursor = read.scanned_to;
-                self.put_lane(key, &state)?;
                 slot.state = Some(state);
+                slot.dirty = true;
+            }
+            if slot.dirty {
+                self.save_lane(slot, &key.webhook_id, key.mode)?;
             }
             return Ok(Take::Idle { more: read.capped });
         }
         if key.mode == ModeTag::Batch && read.events.len() < max_events && !batch_due {
             return Ok(Take::NotDue);
         }
-        let record = DeliveryRecord::new(
+        let mut record = DeliveryRecord::new(
             key.account_id,
             &key.webhook_id,
             key.mode,
             read.events.iter().map(|e| (e.seq, e.event_id.clone())),
             now_ms,
         );
+        record.id = delivery_id(key, &read.events);
+        // Written only if it fails (or after it is delivered): see the module doc.
+        slot.fresh_from = Some(state.cursor);
+        slot.dirty = true;
         state.cursor = read.scanned_to;
         state.head = Some(record.id.clone());
-        // The record before the lane state that points at it.
-        self.put_record(&record)?;
-        self.put_lane(key, &state)?;
         slot.state = Some(state);
         let taken = read.events.len() as u64;
         tally.sub_pending(taken);
@@ -733,11 +798,23 @@ impl Store {
         record: &mut DeliveryRecord,
         events: &[StoredEvent],
     ) -> Result<()> {
-        self.with_lane(key, |_| {
+        self.with_lane(key, |slot| {
             self.keep_events(record, events)?;
-            self.put_record(record)
+            self.put_record(record)?;
+            if slot.fresh_from.is_some() && self.is_head(slot, &record.id) {
+                // Now recorded: the stored state may name it.
+                slot.fresh_from = None;
+                self.save_lane(slot, &key.webhook_id, key.mode)?;
+            }
+            Ok(())
         })
         .map(drop)
+    }
+
+    fn is_head(&self, slot: &LaneSlot, id: &str) -> bool {
+        slot.state
+            .as_ref()
+            .is_some_and(|s| s.head.as_deref() == Some(id))
     }
 
     /// Records the lane's head as finished (DELIVERED or DEAD), with its
@@ -749,16 +826,72 @@ impl Store {
         events: &[StoredEvent],
     ) -> Result<()> {
         self.with_lane(key, |slot| {
-            self.record_finished(record, events)?;
-            if let Some(s) = &mut slot.state {
-                if s.head.as_deref() == Some(record.id.as_str()) {
+            let head = self.is_head(slot, &record.id);
+            if head && slot.fresh_from.is_some() && record.state == DeliveryState::Delivered {
+                // Written with the next batch (see the module doc).
+                slot.fresh_from = None;
+                slot.unsaved.push(record.clone());
+                slot.dirty = true;
+            } else {
+                self.record_finished(record, events)?;
+            }
+            if head {
+                if let Some(s) = &mut slot.state {
                     s.head = None;
-                    slot.tally.set_head(&[]);
                 }
+                slot.tally.set_head(&[]);
+            }
+            if slot.unsaved.len() >= MAX_UNSAVED {
+                self.save_lane(slot, &key.webhook_id, key.mode)?;
             }
             Ok(())
         })
         .map(drop)
+    }
+
+    /// Writes a lane's delivered records and then its state as far as it is
+    /// recorded: with an unwritten head, the cursor from before it. Under
+    /// the lane's lock.
+    fn save_lane(&self, slot: &mut LaneSlot, webhook_id: &str, mode: ModeTag) -> Result<()> {
+        while !slot.unsaved.is_empty() {
+            let mut r = slot.unsaved.remove(0);
+            if let Err(e) = self.record_finished(&mut r, &[]) {
+                slot.unsaved.insert(0, r);
+                return Err(e);
+            }
+        }
+        let state = slot.state.clone().unwrap_or_default();
+        let stored = match slot.fresh_from {
+            Some(cursor) => LaneState { cursor, head: None },
+            None => state,
+        };
+        self.inner
+            .lanes
+            .insert(lane_key(webhook_id, mode), serde_json::to_vec(&stored)?)?;
+        slot.dirty = false;
+        Ok(())
+    }
+
+    /// Writes what every lane has not written yet (see the module doc);
+    /// returns how many lanes wrote. Blocking.
+    pub fn save_lanes(&self) -> Result<usize> {
+        let registry = &self.inner.lane_registry;
+        let slots: Vec<((String, ModeTag), SharedSlot)> = registry
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut saved = 0;
+        for ((webhook_id, mode), slot) in slots {
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.dirty && !registry.is_deleted(&webhook_id) {
+                self.save_lane(&mut slot, &webhook_id, mode)?;
+                saved += 1;
+            }
+        }
+        Ok(saved)
     }
 
     /// Writes a finished record and its index entries (see the module doc
@@ -1010,8 +1143,8 @@ impl Store {
             self.record_finished(&mut r, &[])?;
         }
         state.cursor = horizon;
-        self.put_lane(key, &state)?;
         slot.state = Some(state);
+        self.save_lane(slot, &key.webhook_id, key.mode)?;
         slot.tally.sub_pending(expired);
         if expired > 0 {
             tracing::warn!(
