@@ -1,7 +1,7 @@
 //! Delivery end to end: real router, real sled folder, real HTTP listeners.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -540,18 +540,26 @@ async fn delivery_log_redelivery_and_watch() {
     assert_eq!(d.attempts.len(), 1);
     assert_eq!(d.attempts[0].status_code, 200);
 
-    let list = admin
-        .list_deliveries(ListDeliveriesRequest {
-            account_id: 1010,
-            webhook_id: w.id.clone(),
-            state: DeliveryState::Delivered as i32,
-            page_size: 10,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.deliveries.len(), 1);
+    // Successful outcomes reach the log within delivery.log_flush_ms.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let list = loop {
+        let list = admin
+            .list_deliveries(ListDeliveriesRequest {
+                account_id: 1010,
+                webhook_id: w.id.clone(),
+                state: DeliveryState::Delivered as i32,
+                page_size: 10,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if !list.deliveries.is_empty() || Instant::now() > deadline {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(list.deliveries.len(), 1, "not in the log after 5 s");
     assert_eq!(list.deliveries[0].id, d.id);
     let none = admin
         .list_deliveries(ListDeliveriesRequest {

@@ -146,12 +146,20 @@ async fn metrics_move_with_publishing_delivery_retries_and_disabling() {
         })
         .await
         .unwrap();
-    let delivered: Vec<String> = deliveries(&mut admin, wa)
-        .await
-        .into_iter()
-        .filter(|d| d.state == DeliveryState::Delivered as i32)
-        .map(|d| d.id)
-        .collect();
+    // Successful outcomes reach the log within delivery.log_flush_ms.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let delivered: Vec<String> = loop {
+        let ids: Vec<String> = deliveries(&mut admin, wa)
+            .await
+            .into_iter()
+            .filter(|d| d.state == DeliveryState::Delivered as i32)
+            .map(|d| d.id)
+            .collect();
+        if ids.len() >= 2 || std::time::Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(delivered.len(), 2, "m-1..m-4, then m-5");
     let requeued = admin
         .redeliver_events(RedeliverEventsRequest {
