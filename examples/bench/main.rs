@@ -352,18 +352,8 @@ async fn latency(seconds: u64, rate: u64) -> bool {
                 "",
                 true,
             ),
-            row(
-                "publish ack p50 / p99",
-                format!("{} / {}", ms(p(&acks, 0.5)), ms(p(&acks, 0.99))),
-                "",
-                true,
-            ),
-            row(
-                "HTTP requests",
-                sink.requests.load(Ordering::Relaxed).to_string(),
-                "",
-                true,
-            ),
+            ack_row(&acks),
+            requests_row(&sink),
             completeness(&sink, n),
         ],
     );
@@ -522,24 +512,39 @@ async fn peer(n: u64, callers: usize) -> bool {
             row("publishing alone: calls/s", fmt_rate(n as f64 / publish_took.as_secs_f64()), "", true),
             row("publish-to-receive p50", ms(p50), "", true),
             row("publish-to-receive p99", ms(p99), "<= 10 ms", p99 <= 10_000),
-            row(
-                "publish ack p50 / p99",
-                format!("{} / {}", ms(percentile(&acks, 0.5)), ms(percentile(&acks, 0.99))),
-                "",
-                true,
-            ),
-            row(
-                "HTTP requests",
-                sink.requests.load(Ordering::Relaxed).to_string(),
-                "",
-                true,
-            ),
+            ack_row(&acks),
+            requests_row(&sink),
             row("router CPU per message", fmt_us(cpu, n), "", true),
             row("duplicates", sink.duplicates().to_string(), "", true),
             completeness(&sink, n),
         ],
     );
     complete
+}
+
+/// Acknowledgement latency percentiles of sorted `acks` (µs).
+fn ack_row(acks: &[u64]) -> Row {
+    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+    row(
+        "publish ack p50 / p99",
+        format!(
+            "{} / {}",
+            ms(percentile(acks, 0.5)),
+            ms(percentile(acks, 0.99))
+        ),
+        "",
+        true,
+    )
+}
+
+/// The HTTP requests the sink received.
+fn requests_row(sink: &Sink) -> Row {
+    row(
+        "HTTP requests",
+        sink.requests.load(Ordering::Relaxed).to_string(),
+        "",
+        true,
+    )
 }
 
 /// The `q` quantile of sorted `v` (0 when empty).
