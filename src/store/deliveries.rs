@@ -629,8 +629,9 @@ impl Store {
     /// Decides what the lane does next, under the lane's lock: resume its
     /// unfinished head, take the oldest requeued delivery, or take up to
     /// `max_events` new durable events (a batch lane only when it has a full
-    /// payload or `batch_due`) into a new delivery, recorded before it is
-    /// sent. Blocking: call it from a blocking thread.
+    /// payload or `batch_due`) into a new delivery, written only once it
+    /// fails or with the next batch of outcomes (see the module doc).
+    /// Blocking: call it from a blocking thread.
     pub fn lane_take(
         &self,
         key: &LaneKey,
