@@ -854,10 +854,11 @@ impl Store {
     /// recorded: with an unwritten head, the cursor from before it. Under
     /// the lane's lock.
     fn save_lane(&self, slot: &mut LaneSlot, webhook_id: &str, mode: ModeTag) -> Result<()> {
-        while !slot.unsaved.is_empty() {
-            let mut r = slot.unsaved.remove(0);
+        let mut pending = std::mem::take(&mut slot.unsaved).into_iter();
+        while let Some(mut r) = pending.next() {
             if let Err(e) = self.record_finished(&mut r, &[]) {
-                slot.unsaved.insert(0, r);
+                // Kept, in order, for the next save.
+                slot.unsaved = std::iter::once(r).chain(pending).collect();
                 return Err(e);
             }
         }
