@@ -12,16 +12,25 @@ use std::time::{Duration, Instant};
 
 use crate::common::load::{
     check_every_lane, create_lane_webhooks, ingest_clients, lane_listeners, publish_for, random_ms,
-    Ledger, Publisher, WEBHOOK_TYPES,
+    Ledger, Publisher, BATCH, REALTIME, WEBHOOK_TYPES,
 };
 use crate::common::process::{write_router_config, RouterProcess};
 use rand::{Rng, SeedableRng};
 
 const PUBLISHERS: usize = 4;
-const KILLS: usize = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
+    kill_and_restart(5, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_with_payloads_side_by_side_loses_no_acknowledged_event() {
+    kill_and_restart(3, 8).await;
+}
+
+/// `kills` rounds of SIGKILL under load, webhooks with `max_in_flight`.
+async fn kill_and_restart(kills: usize, max_in_flight: u32) {
     let started = Instant::now();
     let seed: u64 = std::env::var("CRASH_SEED")
         .ok()
@@ -42,9 +51,9 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
         .collect();
 
     let mut router = RouterProcess::start(&config);
-    create_lane_webhooks(&router, &listeners, "crash").await;
+    create_lane_webhooks(&router, &listeners, "crash", max_in_flight).await;
 
-    for round in 0..KILLS {
+    for round in 0..kills {
         let clients = ingest_clients(&router, PUBLISHERS).await;
         let run_for = random_ms(&mut rng, 150, 1_500);
         publish_for(&mut publishers, clients, &ledger, run_for, async {
@@ -83,9 +92,15 @@ async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
         acked >= 100,
         "too little was published to prove anything: {acked}"
     );
-    let duplicates_total = check_every_lane(&listeners, &ledger, Duration::from_secs(30)).await;
+    let ordered: &[&str] = if max_in_flight > 1 {
+        &[BATCH]
+    } else {
+        &[REALTIME, BATCH]
+    };
+    let duplicates_total =
+        check_every_lane(&listeners, &ledger, ordered, Duration::from_secs(30)).await;
     println!(
-        "{KILLS} kills: {sent} events sent, {acked} acknowledged, {failed_calls} publish calls failed, \
+        "{kills} kills, max_in_flight {max_in_flight}: {sent} events sent, {acked} acknowledged, {failed_calls} publish calls failed, \
          {duplicates_total} duplicate deliveries over {} webhooks, {:?} total",
         WEBHOOK_TYPES.len(),
         started.elapsed()

@@ -11,6 +11,7 @@ mod auth;
 mod auth_matrix;
 mod catalog_changes;
 mod cli;
+mod concurrency;
 mod cpu_cost;
 mod crash;
 mod delivery;

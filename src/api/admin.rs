@@ -117,6 +117,9 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
         if !src.event_types.is_empty() {
             p.push("event_types".to_string());
         }
+        if src.max_in_flight != 0 {
+            p.push("max_in_flight".to_string());
+        }
         if p.is_empty() {
             return Err(Error::invalid("webhook", "sets no field to update"));
         }
@@ -137,6 +140,7 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
                     .map(|t| t.trim().to_string())
                     .collect()
             }
+            "max_in_flight" => dst.max_in_flight = src.max_in_flight,
             "auth" => {
                 let mut new_auth = convert::auth_from_proto(src.auth.as_ref());
                 // An empty password keeps the stored one for the same user.
@@ -158,7 +162,7 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
                 return Err(Error::invalid(
                     format!("update_mask.paths[{i}]"),
                     format!(
-                    "{:?} cannot be updated (use name, description, target_url, auth, event_types)",
+                    "{:?} cannot be updated (use name, description, target_url, auth, event_types, max_in_flight)",
                     webhook::truncate(other, 64)
                 ),
                 ))

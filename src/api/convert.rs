@@ -33,6 +33,7 @@ pub fn webhook_to_proto(w: &Webhook) -> pb::Webhook {
         create_time: Some(timestamp(w.create_time_ms)),
         update_time: Some(timestamp(w.update_time_ms)),
         disabled_reason: w.disabled_reason.clone(),
+        max_in_flight: w.max_in_flight,
     }
 }
 
@@ -78,6 +79,7 @@ pub fn webhook_from_proto(account_id: u64, w: &pb::Webhook, now_ms: i64) -> Webh
         create_time_ms: now_ms,
         update_time_ms: now_ms,
         disabled_reason: String::new(),
+        max_in_flight: w.max_in_flight,
     }
 }
 

@@ -1,8 +1,11 @@
 //! One lane: the ordered delivery of one webhook's real-time or batch events.
 //! Its state lives in the store (a cursor into the account's log plus the
 //! delivery at its head, see `store/deliveries.rs`); only the head can be
-//! failing, so one bad payload holds back only its own lane. Every store
-//! call runs on a blocking thread: the lane's task only waits and sends.
+//! failing, so one bad payload holds back only its own lane. A real-time
+//! lane whose webhook allows `max_in_flight` > 1 keeps up to that many
+//! payloads in flight instead, each retried on its own (see
+//! [`Lane::run_concurrent`]). Every store call runs on a blocking thread:
+//! the lane's task only waits and sends.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +24,7 @@ use crate::domain::delivery::{DeliveryRecord, DeliveryState};
 use crate::domain::event::{render_payload, StoredEvent};
 use crate::domain::now_ms;
 use crate::error::Result;
-use crate::store::{LaneKey, Take};
+use crate::store::{LaneKey, Take, TakeArgs};
 
 /// Most log records examined per read; a lane behind many events of types it
 /// does not want catches up in steps of this size.
@@ -41,9 +44,19 @@ pub(super) struct Lane {
     pub metrics: crate::metrics::LaneMetrics,
 }
 
-enum Flow {
+pub(super) enum Flow {
     Continue,
     Exit,
+}
+
+/// What sending one payload needs; each payload in flight has its own.
+#[derive(Clone)]
+struct Sender {
+    dispatcher: Dispatcher,
+    key: LaneKey,
+    settings: Settings,
+    stack: BoxCloneSyncService<RetryRequest, Verdict, BoxError>,
+    metrics: crate::metrics::LaneMetrics,
 }
 
 impl Lane {
@@ -139,15 +152,25 @@ impl Lane {
             // Retired or disabled: queued events wait here until activation.
             return Ok(self.wait(None, false).await);
         }
+        if self.mode == Mode::Realtime && snap.webhook.concurrency() > 1 {
+            return self.run_concurrent().await;
+        }
         let filter = snap.filter(self.mode).clone();
         let batch_due = self.mode == Mode::Batch && Instant::now() >= *next_batch;
         // Mark the log as seen before reading it, so no append is missed.
         self.log.borrow_and_update();
         let key = self.key.clone();
-        let max = inner.config.delivery.max_events_per_payload as usize;
+        let args = TakeArgs {
+            max_events: inner.config.delivery.max_events_per_payload as usize,
+            batch_due,
+            scan_limit: SCAN_LIMIT,
+            in_flight: 0,
+            concurrent: false,
+            now_ms: now_ms(),
+        };
         let take = inner
             .store
-            .blocking(move |s| s.lane_take(&key, &filter, max, batch_due, SCAN_LIMIT, now_ms()))
+            .blocking(move |s| s.lane_take(&key, &filter, args))
             .await?;
         match take {
             Take::Gone => Ok(Flow::Exit),
@@ -161,17 +184,122 @@ impl Lane {
                 if batch_due {
                     *next_batch = Instant::now() + interval;
                 }
-                self.send(*record, Arc::new(events)).await
+                self.sender().send(*record, Arc::new(events)).await
             }
         }
     }
 
-    /// Attempts the head delivery (after its scheduled time) and records the outcome.
-    async fn send(
-        &mut self,
-        record: DeliveryRecord,
-        events: Arc<Vec<StoredEvent>>,
-    ) -> Result<Flow> {
+    fn sender(&self) -> Sender {
+        Sender {
+            dispatcher: self.dispatcher.clone(),
+            key: self.key.clone(),
+            settings: self.settings.clone(),
+            stack: self.stack.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// A real-time lane with `max_in_flight` > 1: keeps up to that many
+    /// payloads in flight, taking a new one whenever one finishes. The store
+    /// keeps the lane's cursor at its oldest payload not yet recorded, and a
+    /// payload that fails is recorded with its events, so it retries on its
+    /// own while the others go on. Returns to [`Lane::step`] once nothing is
+    /// in flight and there is nothing to send, or when the webhook is no
+    /// longer active, allows one at a time, is deleted, or the router stops
+    /// (after what is in flight has finished or paused).
+    async fn run_concurrent(&mut self) -> Result<Flow> {
+        let inner = self.dispatcher.inner.clone();
+        let mut in_flight = tokio::task::JoinSet::new();
+        // The last take found nothing to send: wait for new events.
+        let mut drained = false;
+        let mut gone = false;
+        let mut settings_gone = false;
+        let mut failure = None;
+        let mut stop = inner.stop.subscribe();
+        loop {
+            let snap = self.settings.borrow_and_update().clone();
+            let limit = match &snap {
+                Some(s)
+                    if s.webhook.active
+                        && !gone
+                        && failure.is_none()
+                        && !self.stopping()
+                        && inner.store.failure().is_none() =>
+                {
+                    s.webhook.concurrency()
+                }
+                _ => 0,
+            };
+            while !drained && in_flight.len() < limit {
+                let Some(snap) = &snap else { break };
+                let filter = snap.filter(Mode::Realtime).clone();
+                // Mark the log as seen before reading it, so no append is missed.
+                self.log.borrow_and_update();
+                let key = self.key.clone();
+                let args = TakeArgs {
+                    max_events: inner.config.delivery.max_events_per_payload as usize,
+                    batch_due: false,
+                    scan_limit: SCAN_LIMIT,
+                    in_flight: in_flight.len(),
+                    concurrent: true,
+                    now_ms: now_ms(),
+                };
+                match inner
+                    .store
+                    .blocking(move |s| s.lane_take(&key, &filter, args))
+                    .await
+                {
+                    Err(e) => failure = Some(e),
+                    Ok(Take::Gone) => gone = true,
+                    Ok(Take::Idle { more: true }) => continue,
+                    Ok(Take::Idle { more: false } | Take::NotDue) => drained = true,
+                    Ok(Take::Send { record, events, .. }) => {
+                        let sender = self.sender();
+                        in_flight.spawn(sender.send(*record, Arc::new(events)));
+                        continue;
+                    }
+                }
+                break;
+            }
+            if in_flight.is_empty() {
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                if gone {
+                    return Ok(Flow::Exit);
+                }
+                if limit > 1 && drained {
+                    // Nothing to send and nothing in flight: wait as a
+                    // one-at-a-time lane would.
+                    return Ok(self.wait(None, true).await);
+                }
+                return Ok(Flow::Continue);
+            }
+            let stopping = self.stopping();
+            let room = drained && in_flight.len() < limit;
+            tokio::select! {
+                done = in_flight.join_next() => match done {
+                    Some(Ok(Err(e))) => {
+                        tracing::error!(error = %e, "delivery failed to record");
+                        failure = Some(e);
+                    }
+                    Some(Err(e)) => tracing::error!(error = %e, "delivery task failed"),
+                    _ => {}
+                },
+                _ = self.log.changed(), if room => drained = false,
+                r = self.settings.changed(), if !settings_gone => {
+                    settings_gone = r.is_err();
+                    drained = false;
+                }
+                _ = stop.wait_for(|s| *s), if !stopping => {}
+            }
+        }
+    }
+}
+
+impl Sender {
+    /// Attempts a delivery (after its scheduled time) and records the outcome.
+    async fn send(mut self, record: DeliveryRecord, events: Arc<Vec<StoredEvent>>) -> Result<Flow> {
         let inner = self.dispatcher.inner.clone();
         // A scheduled retry (possibly from before a restart): wait for it. A
         // settings change ends the wait only to stop when the webhook was

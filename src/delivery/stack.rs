@@ -589,6 +589,7 @@ mod tests {
             create_time_ms: 0,
             update_time_ms: 0,
             disabled_reason: String::new(),
+            max_in_flight: 0,
         };
         let snap = Arc::new(WebhookSnapshot::new(
             w,

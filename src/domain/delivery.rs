@@ -243,6 +243,7 @@ mod tests {
             create_time_ms: 0,
             update_time_ms: 0,
             disabled_reason: String::new(),
+            max_in_flight: 0,
         };
         let realtime = LaneFilter::new(&w, Mode::Realtime, catalog.clone());
         let batch = LaneFilter::new(&w, Mode::Batch, catalog);

@@ -17,6 +17,8 @@ pub const MAX_DESCRIPTION_CHARS: usize = 1024;
 pub const MAX_URL_BYTES: usize = 2048;
 /// Most event types one webhook may subscribe to.
 pub const MAX_EVENT_TYPES: usize = 256;
+/// Highest `max_in_flight`.
+pub const MAX_IN_FLIGHT: u32 = 256;
 /// Prefix of Standard Webhooks secrets.
 pub const SECRET_PREFIX: &str = "whsec_";
 
@@ -45,6 +47,9 @@ pub struct Webhook {
     pub update_time_ms: i64,
     /// Set when the service disabled the webhook itself.
     pub disabled_reason: String,
+    /// Real-time requests in flight at once; 0 and 1 mean one, in order.
+    #[serde(default)]
+    pub max_in_flight: u32,
 }
 
 /// Authentication of delivery requests.
@@ -65,6 +70,11 @@ pub enum Auth {
 }
 
 impl Webhook {
+    /// How many real-time payloads may be in flight at once (at least 1).
+    pub fn concurrency(&self) -> usize {
+        self.max_in_flight.clamp(1, MAX_IN_FLIGHT) as usize
+    }
+
     /// Whether events of `mode` reach this webhook's `mode` lane at all.
     pub fn subscribes_to_mode(&self, catalog: &Catalog, mode: Mode) -> bool {
         self.event_types
@@ -151,6 +161,12 @@ pub fn validate(w: &mut Webhook, rules: Rules<'_>, prefix: &str) -> Result<()> {
                 ),
             ));
         }
+    }
+    if w.max_in_flight > MAX_IN_FLIGHT {
+        return Err(Error::invalid(
+            f("max_in_flight"),
+            format!("must be at most {MAX_IN_FLIGHT} (0 or 1: one request at a time, in order)"),
+        ));
     }
     let mut kept = std::collections::HashSet::new();
     w.event_types.retain(|t| kept.insert(t.clone()));
@@ -255,6 +271,7 @@ mod tests {
             create_time_ms: 0,
             update_time_ms: 0,
             disabled_reason: String::new(),
+            max_in_flight: 0,
         }
     }
 

@@ -39,7 +39,7 @@
 //! the record that says it is kept, index entries before the finished
 //! record (the janitor drops index entries whose record is not finished).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -70,6 +70,40 @@ pub struct LaneState {
     /// The delivery at the head: being attempted, or (as stored) possibly
     /// already finished, since the state is not rewritten when one ends.
     pub head: Option<String>,
+    /// A lane with several payloads in flight (`max_in_flight` > 1): its
+    /// recorded unfinished deliveries besides `head`, each keeping its
+    /// events, so the cursor can move past them. As stored, possibly
+    /// finished already, like `head`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parallel: Vec<String>,
+}
+
+impl LaneState {
+    /// Drops `id` from the recorded deliveries it names.
+    fn forget(&mut self, id: &str) {
+        if self.head.as_deref() == Some(id) {
+            self.head = None;
+        }
+        self.parallel.retain(|p| p != id);
+    }
+}
+
+/// What a lane asks [`Store::lane_take`] for.
+#[derive(Debug, Clone, Copy)]
+pub struct TakeArgs {
+    /// Most events in a new payload.
+    pub max_events: usize,
+    /// A batch lane's interval has passed: send what it has.
+    pub batch_due: bool,
+    /// Most log records examined.
+    pub scan_limit: usize,
+    /// How many of the lane's deliveries the caller has in flight; 0 means
+    /// whatever was handed out before and not finished was abandoned.
+    pub in_flight: usize,
+    /// The lane sends several payloads at once (`max_in_flight` > 1).
+    pub concurrent: bool,
+    /// Now, ms.
+    pub now_ms: i64,
 }
 
 /// One lane: its account, webhook and mode.
@@ -173,22 +207,39 @@ impl LaneTally {
         }
     }
 
-    /// The head's events go back after the cursor (a payload taken again).
-    fn head_returned(&self) {
-        let n = self.head_events.swap(0, Ordering::AcqRel);
+    /// Nothing is in flight any more; `returned` events of new payloads
+    /// that were never finished go back after the cursor (taken again).
+    fn heads_dropped(&self, returned: u64) {
+        self.head_events.store(0, Ordering::Release);
         if self.seeded() {
-            self.pending.fetch_add(n as i64, Ordering::AcqRel);
+            self.pending.fetch_add(returned as i64, Ordering::AcqRel);
         }
         self.head_ingest_ms.store(0, Ordering::Release);
     }
 
-    fn set_head(&self, events: &[StoredEvent]) {
+    /// A payload of `events` goes out; `first` when nothing else is in flight.
+    fn head_taken(&self, events: &[StoredEvent], first: bool) {
         self.head_events
-            .store(events.len() as u64, Ordering::Release);
-        self.head_ingest_ms.store(
-            events.first().map_or(0, |e| e.ingest_time_ms),
-            Ordering::Release,
-        );
+            .fetch_add(events.len() as u64, Ordering::AcqRel);
+        if first {
+            self.head_ingest_ms.store(
+                events.first().map_or(0, |e| e.ingest_time_ms),
+                Ordering::Release,
+            );
+        }
+    }
+
+    /// A payload of `n` events finished; `last` when nothing else is in flight.
+    fn head_finished(&self, n: u64, last: bool) {
+        let _ = self
+            .head_events
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                Some(h.saturating_sub(n))
+            });
+        if last {
+            self.head_events.store(0, Ordering::Release);
+            self.head_ingest_ms.store(0, Ordering::Release);
+        }
     }
 
     /// Events the lane still owes: after its cursor, plus its head's.
@@ -232,13 +283,45 @@ impl LaneTally {
 pub(super) struct LaneSlot {
     state: Option<LaneState>,
     tally: Arc<LaneTally>,
-    /// The head is a new delivery not written yet; the cursor before it
-    /// was taken (what the stored state says until it is recorded).
-    fresh_from: Option<u64>,
+    /// New deliveries handed out and not written yet, by the cursor from
+    /// before each was taken: the stored cursor stays at the first of them
+    /// until it is recorded or delivered and saved.
+    fresh: BTreeMap<u64, Handed>,
+    /// Recorded deliveries (`head`, `parallel`) handed out and not finished,
+    /// with their event counts.
+    handed: HashMap<String, u64>,
     /// Delivered records not written yet, oldest first.
     unsaved: Vec<DeliveryRecord>,
     /// The cached state is ahead of the stored one.
     dirty: bool,
+}
+
+/// A new delivery handed out: its id and how many events it carries.
+struct Handed {
+    id: String,
+    events: u64,
+}
+
+impl LaneSlot {
+    /// Removes the new delivery `id` from those handed out.
+    fn take_fresh(&mut self, id: &str) -> Option<Handed> {
+        let cursor = *self.fresh.iter().find(|(_, h)| h.id == id)?.0;
+        self.fresh.remove(&cursor)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.fresh.len() + self.handed.len()
+    }
+
+    /// The state as it may be stored: with new deliveries not written yet,
+    /// the cursor from before the first of them.
+    fn stored_state(&self) -> LaneState {
+        let mut state = self.state.clone().unwrap_or_default();
+        if let Some((&cursor, _)) = self.fresh.first_key_value() {
+            state.cursor = cursor;
+        }
+        state
+    }
 }
 
 /// Most delivered records a lane keeps unwritten; one more writes them.
@@ -520,7 +603,7 @@ impl Store {
             None => {
                 let s = LaneState {
                     cursor: self.durable_seq(),
-                    head: None,
+                    ..Default::default()
                 };
                 self.put_lane(key, &s)?;
                 s
@@ -626,24 +709,14 @@ impl Store {
         Ok(())
     }
 
-    /// Decides what the lane does next, under the lane's lock: resume its
-    /// unfinished head, take the oldest requeued delivery, or take up to
-    /// `max_events` new durable events (a batch lane only when it has a full
-    /// payload or `batch_due`) into a new delivery, written only once it
-    /// fails or with the next batch of outcomes (see the module doc).
+    /// Decides what the lane does next, under the lane's lock: resume a
+    /// recorded unfinished delivery, take the oldest requeued one, or take
+    /// up to `max_events` new durable events (a batch lane only when it has
+    /// a full payload or `batch_due`) into a new delivery, written only once
+    /// it fails or with the next batch of outcomes (see the module doc).
     /// Blocking: call it from a blocking thread.
-    pub fn lane_take(
-        &self,
-        key: &LaneKey,
-        filter: &LaneFilter,
-        max_events: usize,
-        batch_due: bool,
-        scan_limit: usize,
-        now_ms: i64,
-    ) -> Result<Take> {
-        let take = self.with_lane(key, |slot| {
-            self.take_locked(slot, key, filter, max_events, batch_due, scan_limit, now_ms)
-        })?;
+    pub fn lane_take(&self, key: &LaneKey, filter: &LaneFilter, args: TakeArgs) -> Result<Take> {
+        let take = self.with_lane(key, |slot| self.take_locked(slot, key, filter, args))?;
         Ok(take.unwrap_or(Take::Gone))
     }
 
@@ -666,34 +739,45 @@ impl Store {
         f(&mut slot).map(Some)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn take_locked(
         &self,
         slot: &mut LaneSlot,
         key: &LaneKey,
         filter: &LaneFilter,
-        max_events: usize,
-        batch_due: bool,
-        scan_limit: usize,
-        now_ms: i64,
+        args: TakeArgs,
     ) -> Result<Take> {
         self.seed_tally(slot, key, filter)?;
         let tally = slot.tally.clone();
         let mut state = self.lane_state(slot, key)?;
-        if let Some(cursor) = slot.fresh_from.take() {
-            // A new payload that was never attempted (the lane stopped or
-            // paused first): take its events again, under the same id.
-            state.cursor = cursor;
-            state.head = None;
-            slot.state = Some(state.clone());
-            tally.head_returned();
+        if args.in_flight == 0 && slot.in_flight() > 0 {
+            // What was handed out and not finished was abandoned (the lane
+            // stopped, paused or failed first): new payloads are taken again
+            // from the first one's cursor, under the same ids, and recorded
+            // ones resume below.
+            if let Some((&cursor, _)) = slot.fresh.first_key_value() {
+                state.cursor = cursor;
+                slot.state = Some(state.clone());
+            }
+            let returned = slot.fresh.values().map(|h| h.events).sum();
+            slot.fresh.clear();
+            slot.handed.clear();
+            tally.heads_dropped(returned);
         }
-        if let Some(head) = state.head.clone() {
-            match self.delivery(&key.webhook_id, &head)? {
+        let first = args.in_flight == 0;
+        let recorded: Vec<String> = state
+            .head
+            .iter()
+            .chain(&state.parallel)
+            .filter(|id| !slot.handed.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in recorded {
+            match self.delivery(&key.webhook_id, &id)? {
                 Some(mut r) if !r.state.is_final() => {
                     let events = self.events_of(&r)?;
                     if events.len() == r.seqs.len() {
-                        tally.set_head(&events);
+                        tally.head_taken(&events, first);
+                        slot.handed.insert(id, events.len() as u64);
                         return Ok(Take::Send {
                             record: Box::new(r),
                             events,
@@ -703,13 +787,14 @@ impl Store {
                     }
                     // Its events are gone from the log (trimmed while the
                     // router was down): record that instead of sending part.
-                    r.finish(DeliveryState::Expired, now_ms);
+                    r.finish(DeliveryState::Expired, args.now_ms);
                     self.record_finished(&mut r, &[])?;
                     tracing::warn!(delivery_id = %r.id, "events of the delivery are no longer stored; expired");
                 }
                 _ => {}
             }
-            state.head = None;
+            // Finished (the stored state is not rewritten when one ends).
+            state.forget(&id);
             slot.state = Some(state.clone());
         }
         let prefix = requeued_key(&key.webhook_id, key.mode, "");
@@ -721,19 +806,24 @@ impl Store {
                 self.save_lane(slot, &key.webhook_id, key.mode)?;
             }
             let id = String::from_utf8_lossy(&qkey[prefix.len()..]).into_owned();
-            state.head = Some(id.clone());
+            if args.concurrent {
+                state.parallel.push(id.clone());
+            } else {
+                state.head = Some(id.clone());
+            }
+            slot.state = Some(state);
             let mut batch = sled::Batch::default();
             batch.insert(
                 lane_key(&key.webhook_id, key.mode),
-                serde_json::to_vec(&state)?,
+                serde_json::to_vec(&slot.stored_state())?,
             );
             batch.remove(qkey);
             self.inner.lanes.apply_batch(batch)?;
-            slot.state = Some(state);
             tally.requeued.fetch_sub(1, Ordering::AcqRel);
             if let Some(record) = self.delivery(&key.webhook_id, &id)? {
                 let events = self.events_of(&record)?;
-                tally.set_head(&events);
+                tally.head_taken(&events, first);
+                slot.handed.insert(id, events.len() as u64);
                 return Ok(Take::Send {
                     record: Box::new(record),
                     events,
@@ -748,8 +838,8 @@ impl Store {
             state.cursor,
             u64::MAX,
             filter,
-            max_events,
-            scan_limit,
+            args.max_events,
+            args.scan_limit,
         )?;
         if read.events.is_empty() {
             if read.scanned_to > state.cursor {
@@ -762,7 +852,7 @@ impl Store {
             }
             return Ok(Take::Idle { more: read.capped });
         }
-        if key.mode == ModeTag::Batch && read.events.len() < max_events && !batch_due {
+        if key.mode == ModeTag::Batch && read.events.len() < args.max_events && !args.batch_due {
             return Ok(Take::NotDue);
         }
         let mut record = DeliveryRecord::new(
@@ -770,18 +860,23 @@ impl Store {
             &key.webhook_id,
             key.mode,
             read.events.iter().map(|e| (e.seq, e.event_id.clone())),
-            now_ms,
+            args.now_ms,
         );
         record.id = delivery_id(key, &read.events);
         // Written only if it fails (or after it is delivered): see the module doc.
-        slot.fresh_from = Some(state.cursor);
+        let taken = read.events.len() as u64;
+        slot.fresh.insert(
+            state.cursor,
+            Handed {
+                id: record.id.clone(),
+                events: taken,
+            },
+        );
         slot.dirty = true;
         state.cursor = read.scanned_to;
-        state.head = Some(record.id.clone());
         slot.state = Some(state);
-        let taken = read.events.len() as u64;
         tally.sub_pending(taken);
-        tally.set_head(&read.events);
+        tally.head_taken(&read.events, first);
         Ok(Take::Send {
             record: Box::new(record),
             events: read.events,
@@ -790,9 +885,10 @@ impl Store {
         })
     }
 
-    /// Records a failed attempt of the lane's head (RETRYING, or the last
-    /// one before it dies), keeping its events with it from now on so the
-    /// retries and a dead letter never depend on the log. Blocking.
+    /// Records a failed attempt of a delivery the lane has in flight
+    /// (RETRYING, or the last one before it dies), keeping its events with
+    /// it from now on so the retries and a dead letter never depend on the
+    /// log. Blocking.
     pub fn lane_attempt_failed(
         &self,
         key: &LaneKey,
@@ -802,9 +898,16 @@ impl Store {
         self.with_lane(key, |slot| {
             self.keep_events(record, events)?;
             self.put_record(record)?;
-            if slot.fresh_from.is_some() && self.is_head(slot, &record.id) {
-                // Now recorded: the stored state may name it.
-                slot.fresh_from = None;
+            if let Some(h) = slot.take_fresh(&record.id) {
+                // Now recorded: the stored state may name it (a concurrent
+                // lane's cursor moves past it, its events are kept).
+                let state = slot.state.get_or_insert_with(LaneState::default);
+                if slot.fresh.is_empty() && slot.handed.is_empty() && state.head.is_none() {
+                    state.head = Some(record.id.clone());
+                } else {
+                    state.parallel.push(record.id.clone());
+                }
+                slot.handed.insert(record.id.clone(), h.events);
                 self.save_lane(slot, &key.webhook_id, key.mode)?;
             }
             Ok(())
@@ -812,14 +915,9 @@ impl Store {
         .map(drop)
     }
 
-    fn is_head(&self, slot: &LaneSlot, id: &str) -> bool {
-        slot.state
-            .as_ref()
-            .is_some_and(|s| s.head.as_deref() == Some(id))
-    }
-
-    /// Records the lane's head as finished (DELIVERED or DEAD), with its
-    /// index entries; a dead letter keeps its events. Blocking.
+    /// Records a delivery the lane had in flight as finished (DELIVERED or
+    /// DEAD), with its index entries; a dead letter keeps its events. A new
+    /// delivery that went through waits for the next batch. Blocking.
     pub fn lane_finish(
         &self,
         key: &LaneKey,
@@ -827,21 +925,24 @@ impl Store {
         events: &[StoredEvent],
     ) -> Result<()> {
         self.with_lane(key, |slot| {
-            let head = self.is_head(slot, &record.id);
-            if head && slot.fresh_from.is_some() && record.state == DeliveryState::Delivered {
-                // Written with the next batch (see the module doc).
-                slot.fresh_from = None;
-                slot.unsaved.push(record.clone());
-                slot.dirty = true;
-            } else {
-                self.record_finished(record, events)?;
-            }
-            if head {
-                if let Some(s) = &mut slot.state {
-                    s.head = None;
+            let fresh = slot.take_fresh(&record.id);
+            let n = match &fresh {
+                Some(h) if record.state == DeliveryState::Delivered => {
+                    // Written with the next batch (see the module doc).
+                    slot.unsaved.push(record.clone());
+                    h.events
                 }
-                slot.tally.set_head(&[]);
+                _ => {
+                    self.record_finished(record, events)?;
+                    fresh.map_or(0, |h| h.events)
+                }
+            };
+            let n = n + slot.handed.remove(&record.id).unwrap_or(0);
+            if let Some(s) = &mut slot.state {
+                s.forget(&record.id);
             }
+            slot.dirty = true;
+            slot.tally.head_finished(n, slot.in_flight() == 0);
             if slot.unsaved.len() >= MAX_UNSAVED {
                 self.save_lane(slot, &key.webhook_id, key.mode)?;
             }
@@ -851,8 +952,7 @@ impl Store {
     }
 
     /// Writes a lane's delivered records and then its state as far as it is
-    /// recorded: with an unwritten head, the cursor from before it. Under
-    /// the lane's lock.
+    /// recorded (see [`LaneSlot::stored_state`]). Under the lane's lock.
     fn save_lane(&self, slot: &mut LaneSlot, webhook_id: &str, mode: ModeTag) -> Result<()> {
         let mut pending = std::mem::take(&mut slot.unsaved).into_iter();
         while let Some(mut r) = pending.next() {
@@ -862,14 +962,10 @@ impl Store {
                 return Err(e);
             }
         }
-        let state = slot.state.clone().unwrap_or_default();
-        let stored = match slot.fresh_from {
-            Some(cursor) => LaneState { cursor, head: None },
-            None => state,
-        };
-        self.inner
-            .lanes
-            .insert(lane_key(webhook_id, mode), serde_json::to_vec(&stored)?)?;
+        self.inner.lanes.insert(
+            lane_key(webhook_id, mode),
+            serde_json::to_vec(&slot.stored_state())?,
+        )?;
         slot.dirty = false;
         Ok(())
     }

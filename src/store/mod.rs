@@ -33,7 +33,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 pub use commit::GroupCommit;
-pub use deliveries::{DeliveryPage, LaneKey, LaneState, LaneTally, Take, BACKLOG_SEED_LIMIT};
+pub use deliveries::{
+    DeliveryPage, LaneKey, LaneState, LaneTally, Take, TakeArgs, BACKLOG_SEED_LIMIT,
+};
 pub use durable::DiskSync;
 pub use janitor::JanitorReport;
 pub use log::{AppendOutcome, Appended};

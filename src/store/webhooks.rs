@@ -60,7 +60,7 @@ impl Store {
         let key = webhook_key(webhook.account_id, &webhook.id);
         let start = serde_json::to_vec(&super::LaneState {
             cursor: self.last_seq(),
-            head: None,
+            ..Default::default()
         })?;
         (&self.inner.webhooks, &self.inner.secrets, &self.inner.lanes).transaction(
             |(w, s, l)| {
