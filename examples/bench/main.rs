@@ -8,7 +8,7 @@
 //! cargo run --release --example bench -- requests   [--events N]
 //! cargo run --release --example bench -- latency    [--seconds S] [--rate R]
 //! cargo run --release --example bench -- backlog    [--events N]
-//! cargo run --release --example bench -- peer       [--calls N] [--callers C]
+//! cargo run --release --example bench -- peer       [--calls N] [--callers C] [--in-flight K]
 //! cargo run --release --example bench -- all
 //! cargo run --example bench -- smoke                (small N; fails unless every event arrives)
 //! ```
@@ -76,6 +76,10 @@ enum Scenario {
         calls: u64,
         #[arg(long, default_value_t = 64)]
         callers: usize,
+        /// One event per HTTP request, this many in flight (`max_in_flight`);
+        /// 0: default payload batching, one request at a time.
+        #[arg(long, default_value_t = 0)]
+        in_flight: u32,
     },
     /// Every scenario at its default size.
     All,
@@ -110,15 +114,20 @@ fn main() -> ExitCode {
             Scenario::Requests { events } => requests(events).await,
             Scenario::Latency { seconds, rate } => latency(seconds, rate).await,
             Scenario::Backlog { events } => backlog(events).await,
-            Scenario::Peer { calls, callers } => peer(calls, callers).await,
+            Scenario::Peer {
+                calls,
+                callers,
+                in_flight,
+            } => peer(calls, callers, in_flight).await,
             Scenario::All => {
                 let mut ok = ingest(400_000).await;
                 ok &= fanout(100_000).await;
                 ok &= requests(20_000).await;
                 ok &= latency(30, 1_000).await;
                 ok &= backlog(1_000_000).await;
-                ok &= peer(20_000, 64).await;
-                ok &= peer(20_000, 16).await;
+                ok &= peer(20_000, 64, 0).await;
+                ok &= peer(20_000, 16, 0).await;
+                ok &= peer(20_000, 64, 64).await;
                 ok
             }
             Scenario::Smoke => {
@@ -131,7 +140,8 @@ fn main() -> ExitCode {
                 ok &= requests(500).await;
                 ok &= latency(2, 200).await;
                 ok &= backlog(5_000).await;
-                ok &= peer(500, 16).await;
+                ok &= peer(500, 16, 0).await;
+                ok &= peer(500, 16, 16).await;
                 ok
             }
             Scenario::Router { .. } => unreachable!("handled above"),
@@ -372,7 +382,7 @@ async fn backlog(n: u64) -> bool {
     {
         let mut admin = router.admin().await;
         let url = format!("http://{sink_addr}/w/0");
-        create_webhook(&mut admin, &url).await;
+        create_webhook(&mut admin, &url, 0).await;
     }
     let took = publish(&router, n, PER_REQUEST, CLIENTS).await;
     // Let the periodic flush and the lane settle before measuring the folder.
@@ -444,12 +454,17 @@ async fn backlog(n: u64) -> bool {
     complete
 }
 
-async fn peer(n: u64, callers: usize) -> bool {
+async fn peer(n: u64, callers: usize, in_flight: u32) -> bool {
     let dir = tempfile::tempdir().expect("tempdir");
     let epoch = Instant::now();
     let sink = Sink::start(1, n, epoch).await;
-    let router = Router::start(&base_config(&dir.path().join("data"))).await;
-    create_webhooks(&router, &sink, 1).await;
+    let mut config = base_config(&dir.path().join("data"));
+    if in_flight > 0 {
+        config.delivery.max_events_per_payload = 1;
+    }
+    let router = Router::start(&config).await;
+    let mut admin = router.admin().await;
+    create_webhook(&mut admin, &sink.url(0), in_flight).await;
     let mut clients = Vec::new();
     for _ in 0..peer::CONNECTIONS {
         clients.push(router.ingest().await);
@@ -461,6 +476,8 @@ async fn peer(n: u64, callers: usize) -> bool {
     let cpu0 = router.cpu();
     let start = epoch.elapsed();
     let (publish_took, mut acks) = peer::drive(&clients, n, callers, one_event).await;
+    sink.wait_complete(n, Duration::from_secs(1)).await;
+    let left_after_1s = n.saturating_sub(sink.distinct());
     let complete = sink.wait_complete(n, Duration::from_secs(120)).await;
     let cpu = router.cpu().saturating_sub(cpu0);
     let (_, last) = sink.first_last();
@@ -487,8 +504,13 @@ async fn peer(n: u64, callers: usize) -> bool {
     let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     table(
         &format!(
-            "peer: {n} PublishEvents calls of 1 event, {callers} callers over {} connections, 1 signed webhook",
-            peer::CONNECTIONS
+            "peer: {n} PublishEvents calls of 1 event, {callers} callers over {} connections, 1 signed webhook, {}",
+            peer::CONNECTIONS,
+            if in_flight > 0 {
+                format!("1 event per request, max_in_flight {in_flight}")
+            } else {
+                "default payloads".to_string()
+            }
         ),
         &[
             row(
@@ -514,6 +536,12 @@ async fn peer(n: u64, callers: usize) -> bool {
             row("publish-to-receive p99", ms(p99), "<= 10 ms", p99 <= 10_000),
             ack_row(&acks),
             requests_row(&sink),
+            row(
+                "events not yet received 1 s after the last call",
+                left_after_1s.to_string(),
+                if in_flight > 0 { "0" } else { "" },
+                in_flight == 0 || left_after_1s == 0,
+            ),
             row("router CPU per message", fmt_us(cpu, n), "", true),
             row("duplicates", sink.duplicates().to_string(), "", true),
             completeness(&sink, n),
@@ -665,11 +693,11 @@ async fn publish_steady(router: &Router, n: u64, rate: u64, epoch: Instant) -> V
 async fn create_webhooks(router: &Router, sink: &Sink, count: usize) {
     let mut admin = router.admin().await;
     for i in 0..count {
-        create_webhook(&mut admin, &sink.url(i)).await;
+        create_webhook(&mut admin, &sink.url(i), 0).await;
     }
 }
 
-async fn create_webhook(admin: &mut router::Admin, url: &str) {
+async fn create_webhook(admin: &mut router::Admin, url: &str, max_in_flight: u32) {
     admin
         .create_webhook(pb::CreateWebhookRequest {
             account_id: ACCOUNT,
@@ -680,6 +708,7 @@ async fn create_webhook(admin: &mut router::Admin, url: &str) {
                 auth: Some(pb::WebhookAuth {
                     method: Some(pb::webhook_auth::Method::Signature(pb::SignatureAuth {})),
                 }),
+                max_in_flight,
                 ..Default::default()
             }),
         })

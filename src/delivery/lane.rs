@@ -244,22 +244,37 @@ impl Lane {
                     concurrent: true,
                     now_ms: now_ms(),
                 };
-                match inner
+                let room = limit - in_flight.len();
+                let takes = match inner
                     .store
-                    .blocking(move |s| s.lane_take(&key, &filter, args))
+                    .blocking(move |s| s.lane_take_many(&key, &filter, args, room))
                     .await
                 {
-                    Err(e) => failure = Some(e),
-                    Ok(Take::Gone) => gone = true,
-                    Ok(Take::Idle { more: true }) => continue,
-                    Ok(Take::Idle { more: false } | Take::NotDue) => drained = true,
-                    Ok(Take::Send { record, events, .. }) => {
-                        let sender = self.sender();
-                        in_flight.spawn(sender.send(*record, Arc::new(events)));
-                        continue;
+                    Ok(takes) => takes,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                };
+                let mut again = false;
+                for take in takes {
+                    match take {
+                        Take::Gone => gone = true,
+                        Take::Idle { more } => {
+                            again = more;
+                            drained = !more;
+                        }
+                        Take::NotDue => drained = true,
+                        Take::Send { record, events, .. } => {
+                            let sender = self.sender();
+                            in_flight.spawn(sender.send(*record, Arc::new(events)));
+                            again = true;
+                        }
                     }
                 }
-                break;
+                if gone || !again {
+                    break;
+                }
             }
             if in_flight.is_empty() {
                 if let Some(e) = failure {
@@ -432,13 +447,17 @@ impl Sender {
             }
         };
         let key = self.key.clone();
-        let r = inner
-            .store
-            .blocking(move |s| {
-                s.lane_finish(&key, &mut r, &events)?;
-                Ok(r)
-            })
-            .await?;
+        let r = if inner.store.lane_finish_quick(&key, &r) {
+            r
+        } else {
+            inner
+                .store
+                .blocking(move |s| {
+                    s.lane_finish(&key, &mut r, &events)?;
+                    Ok(r)
+                })
+                .await?
+        };
         tracing::debug!(delivery_id = %r.id, events = r.event_ids.len(), state = ?r.state, "delivery finished");
         self.dispatcher.publish_outcome(r);
         if let Some(reason) = disable_reason {

@@ -720,6 +720,32 @@ impl Store {
         Ok(take.unwrap_or(Take::Gone))
     }
 
+    /// Up to `n` deliveries to send at once, under one lock (a lane with
+    /// several in flight). Ends with the first take that is not a
+    /// [`Take::Send`], unless `n` sends came first. Blocking.
+    pub fn lane_take_many(
+        &self,
+        key: &LaneKey,
+        filter: &LaneFilter,
+        mut args: TakeArgs,
+        n: usize,
+    ) -> Result<Vec<Take>> {
+        let takes = self.with_lane(key, |slot| {
+            let mut takes = Vec::new();
+            while takes.len() < n {
+                let take = self.take_locked(slot, key, filter, args)?;
+                let sent = matches!(take, Take::Send { .. });
+                takes.push(take);
+                if !sent {
+                    break;
+                }
+                args.in_flight += 1;
+            }
+            Ok(takes)
+        })?;
+        Ok(takes.unwrap_or_else(|| vec![Take::Gone]))
+    }
+
     /// Runs `f` under the lane's lock, unless its webhook was deleted (None).
     fn with_lane<T>(
         &self,
@@ -949,6 +975,33 @@ impl Store {
             Ok(())
         })
         .map(drop)
+    }
+
+    /// [`Store::lane_finish`] for a new delivery that went through, when that
+    /// needs no write and the lane's lock is free at once: only memory
+    /// changes, so it may run on an async thread. False: call `lane_finish`.
+    pub fn lane_finish_quick(&self, key: &LaneKey, record: &DeliveryRecord) -> bool {
+        if record.state != DeliveryState::Delivered {
+            return false;
+        }
+        let registry = &self.inner.lane_registry;
+        let Some(slot) = registry.slot(&key.webhook_id, key.mode) else {
+            return false;
+        };
+        let Ok(mut slot) = slot.try_lock() else {
+            return false;
+        };
+        if registry.is_deleted(&key.webhook_id) || slot.unsaved.len() + 1 >= MAX_UNSAVED {
+            return false;
+        }
+        let Some(h) = slot.take_fresh(&record.id) else {
+            return false;
+        };
+        slot.unsaved.push(record.clone());
+        slot.dirty = true;
+        let last = slot.in_flight() == 0;
+        slot.tally.head_finished(h.events, last);
+        true
     }
 
     /// Writes a lane's delivered records and then its state as far as it is
