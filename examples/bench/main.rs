@@ -294,8 +294,13 @@ async fn requests(n: u64) -> bool {
         ACCOUNT,
         [sample_event_json(0).as_str()],
     ));
-    let plain_took = plain_load(&plain_sink, WEBHOOKS, reqs, body).await;
+    let plain_took = plain_load(&plain_sink, WEBHOOKS, reqs, body.clone()).await;
     let plain = reqs as f64 / plain_took.as_secs_f64();
+    // The client library the router sends with, configured as the router
+    // configures it, with the same concurrency.
+    let reqwest_sink = Sink::start(0, 0, Instant::now()).await;
+    let reqwest_took = reqwest_load(&reqwest_sink, WEBHOOKS, reqs, body).await;
+    let reqwest_rate = reqs as f64 / reqwest_took.as_secs_f64();
     table(
         &format!("requests: {n} events x {WEBHOOKS} webhooks, 1 event/payload, signed"),
         &[
@@ -316,6 +321,16 @@ async fn requests(n: u64) -> bool {
                 format!("{:.0}%", 100.0 * rate / plain),
                 ">= 50%",
                 rate / plain >= 0.5,
+            ),
+            row(
+                "reqwest as the router configures it, 5 tasks: requests/s",
+                format!(
+                    "{} ({:.0}% of plain hyper)",
+                    fmt_rate(reqwest_rate),
+                    100.0 * reqwest_rate / plain
+                ),
+                "",
+                true,
             ),
             row("router CPU per request", fmt_us(cpu, reqs), "", true),
             row("duplicates", sink.duplicates().to_string(), "", true),
@@ -786,6 +801,46 @@ async fn plain_load(sink: &Sink, conns: usize, total: u64, body: bytes::Bytes) -
     }
     for t in tasks {
         t.await.expect("plain client");
+    }
+    started.elapsed()
+}
+
+/// Like [`plain_load`] with a reqwest client built as the router builds its
+/// own (no redirects, no proxy, TCP_NODELAY, pooled keep-alive connections),
+/// `conns` tasks sending one request at a time each.
+async fn reqwest_load(sink: &Sink, conns: usize, total: u64, body: bytes::Bytes) -> Duration {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(conns)
+        .build()
+        .expect("reqwest client");
+    let left = Arc::new(AtomicU64::new(total));
+    let uri = format!("http://{}/p", sink.addr);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (client, left, body, uri) = (client.clone(), left.clone(), body.clone(), uri.clone());
+        tasks.push(tokio::spawn(async move {
+            while left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+                .is_ok()
+            {
+                let resp = client
+                    .post(&uri)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("send");
+                assert!(resp.status().is_success());
+                resp.bytes().await.expect("body");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("reqwest client");
     }
     started.elapsed()
 }

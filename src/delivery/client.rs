@@ -67,7 +67,7 @@ impl HttpClient {
             .no_proxy()
             .user_agent(concat!("webhook-router/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(32)
+            .pool_max_idle_per_host(crate::domain::webhook::MAX_IN_FLIGHT as usize)
             .tcp_nodelay(true)
             .dns_resolver(Arc::new(GuardedResolver {
                 allow_private: s.allow_private,

@@ -30,6 +30,12 @@ use crate::store::{LaneKey, Take, TakeArgs};
 /// does not want catches up in steps of this size.
 const SCAN_LIMIT: usize = 20_000;
 
+/// A one-at-a-time real-time lane with a backlog takes up to this many
+/// payloads per store call and sends them one after another, in order...
+const TAKE_AHEAD_PAYLOADS: usize = 16;
+/// ...as long as they carry no more than this many events in all.
+const TAKE_AHEAD_EVENTS: usize = 100;
+
 pub(super) struct Lane {
     pub dispatcher: Dispatcher,
     pub key: LaneKey,
@@ -42,6 +48,8 @@ pub(super) struct Lane {
     pub stack: BoxCloneSyncService<RetryRequest, Verdict, BoxError>,
     /// This lane's metric handles.
     pub metrics: crate::metrics::LaneMetrics,
+    /// Payloads taken and not sent yet, in order (see [`TAKE_AHEAD_PAYLOADS`]).
+    pub ahead: std::collections::VecDeque<(DeliveryRecord, Vec<StoredEvent>)>,
 }
 
 pub(super) enum Flow {
@@ -76,6 +84,8 @@ impl Lane {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Exit) => return,
                     Err(e) => {
+                        // The next take hands out again what was taken ahead.
+                        self.ahead.clear();
                         // Storage trouble: keep the lane, try again shortly.
                         // If the store can no longer write, say so now, so
                         // no lane sends what it could not record.
@@ -145,15 +155,24 @@ impl Lane {
                 Flow::Continue
             });
         }
+        if self.settings.has_changed().unwrap_or(true) {
+            // What was taken ahead is taken again with the new settings.
+            self.ahead.clear();
+        }
         let Some(snap) = self.settings.borrow_and_update().clone() else {
             return Ok(Flow::Exit);
         };
         if !snap.webhook.active {
             // Retired or disabled: queued events wait here until activation.
+            self.ahead.clear();
             return Ok(self.wait(None, false).await);
         }
         if self.mode == Mode::Realtime && snap.webhook.concurrency() > 1 {
+            self.ahead.clear();
             return self.run_concurrent().await;
+        }
+        if let Some((record, events)) = self.ahead.pop_front() {
+            return self.sender().send(record, Arc::new(events)).await;
         }
         let filter = snap.filter(self.mode).clone();
         let batch_due = self.mode == Mode::Batch && Instant::now() >= *next_batch;
@@ -168,10 +187,23 @@ impl Lane {
             concurrent: false,
             now_ms: now_ms(),
         };
-        let take = inner
+        let (n, max_events) = match self.mode {
+            Mode::Realtime => (TAKE_AHEAD_PAYLOADS, TAKE_AHEAD_EVENTS),
+            Mode::Batch => (1, usize::MAX),
+        };
+        let mut takes = inner
             .store
-            .blocking(move |s| s.lane_take(&key, &filter, args))
-            .await?;
+            .blocking(move |s| s.lane_take_many(&key, &filter, args, n, max_events))
+            .await?
+            .into_iter();
+        let Some(take) = takes.next() else {
+            return Ok(Flow::Continue);
+        };
+        for t in takes {
+            if let Take::Send { record, events, .. } = t {
+                self.ahead.push_back((*record, events));
+            }
+        }
         match take {
             Take::Gone => Ok(Flow::Exit),
             Take::Idle { more: true } => Ok(Flow::Continue),
@@ -247,7 +279,7 @@ impl Lane {
                 let room = limit - in_flight.len();
                 let takes = match inner
                     .store
-                    .blocking(move |s| s.lane_take_many(&key, &filter, args, room))
+                    .blocking(move |s| s.lane_take_many(&key, &filter, args, room, usize::MAX))
                     .await
                 {
                     Ok(takes) => takes,

@@ -211,6 +211,7 @@ impl Dispatcher {
                     settings: tx.subscribe(),
                     log: log.clone(),
                     metrics: self.inner.metrics.lane(webhook_id),
+                    ahead: Default::default(),
                     stack: stack::lane_stack(
                         self.inner.attempt.clone(),
                         pacer.clone(),

@@ -720,25 +720,29 @@ impl Store {
         Ok(take.unwrap_or(Take::Gone))
     }
 
-    /// Up to `n` deliveries to send at once, under one lock (a lane with
-    /// several in flight). Ends with the first take that is not a
-    /// [`Take::Send`], unless `n` sends came first. Blocking.
+    /// Up to `n` deliveries at once, under one lock: for a lane with several
+    /// in flight, or one that sends them one after another in this order.
+    /// Stops after the first take that is not a [`Take::Send`], after `n`
+    /// sends, or once the sends carry `max_events_total` events. Blocking.
     pub fn lane_take_many(
         &self,
         key: &LaneKey,
         filter: &LaneFilter,
         mut args: TakeArgs,
         n: usize,
+        max_events_total: usize,
     ) -> Result<Vec<Take>> {
         let takes = self.with_lane(key, |slot| {
             let mut takes = Vec::new();
-            while takes.len() < n {
+            let mut events = 0;
+            while takes.len() < n && events < max_events_total {
                 let take = self.take_locked(slot, key, filter, args)?;
-                let sent = matches!(take, Take::Send { .. });
-                takes.push(take);
-                if !sent {
+                let Take::Send { events: e, .. } = &take else {
+                    takes.push(take);
                     break;
-                }
+                };
+                events += e.len();
+                takes.push(take);
                 args.in_flight += 1;
             }
             Ok(takes)
@@ -832,7 +836,7 @@ impl Store {
                 self.save_lane(slot, &key.webhook_id, key.mode)?;
             }
             let id = String::from_utf8_lossy(&qkey[prefix.len()..]).into_owned();
-            if args.concurrent {
+            if args.concurrent || state.head.is_some() {
                 state.parallel.push(id.clone());
             } else {
                 state.head = Some(id.clone());
@@ -951,18 +955,16 @@ impl Store {
         events: &[StoredEvent],
     ) -> Result<()> {
         self.with_lane(key, |slot| {
-            let fresh = slot.take_fresh(&record.id);
-            let n = match &fresh {
-                Some(h) if record.state == DeliveryState::Delivered => {
-                    // Written with the next batch (see the module doc).
-                    slot.unsaved.push(record.clone());
-                    h.events
-                }
-                _ => {
-                    self.record_finished(record, events)?;
-                    fresh.map_or(0, |h| h.events)
-                }
-            };
+            let fresh = slot.fresh.values().any(|h| h.id == record.id);
+            if fresh && record.state == DeliveryState::Delivered {
+                // Written with the next batch (see the module doc).
+                slot.unsaved.push(record.clone());
+            } else {
+                // Still handed out until written: a failed write leaves the
+                // stored cursor before it.
+                self.record_finished(record, events)?;
+            }
+            let n = slot.take_fresh(&record.id).map_or(0, |h| h.events);
             let n = n + slot.handed.remove(&record.id).unwrap_or(0);
             if let Some(s) = &mut slot.state {
                 s.forget(&record.id);
@@ -1465,6 +1467,128 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lane with several payloads in flight: what is stored after each
+    /// outcome is what a crash at that point resumes from.
+    #[tokio::test]
+    async fn a_concurrent_lane_stores_its_cursor_at_its_oldest_unrecorded_payload() {
+        use crate::domain::catalog::Catalog;
+        use crate::domain::delivery::Attempt;
+        use crate::domain::webhook::{Auth, Webhook};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let webhook = Webhook {
+            id: "wh_t".into(),
+            account_id: 1,
+            name: "t".into(),
+            description: String::new(),
+            target_url: "https://example.com/".into(),
+            auth: Auth::None,
+            event_types: vec!["COURSE_ENROLLMENT".into()],
+            active: true,
+            create_time_ms: 0,
+            update_time_ms: 0,
+            disabled_reason: String::new(),
+            max_in_flight: 4,
+        };
+        let filter = LaneFilter::new(&webhook, Mode::Realtime, Arc::new(Catalog::new(&[])));
+        let key = LaneKey {
+            account_id: 1,
+            webhook_id: "wh_t".into(),
+            mode: ModeTag::Realtime,
+        };
+        let args = |in_flight| TakeArgs {
+            max_events: 1,
+            batch_due: false,
+            scan_limit: 100,
+            in_flight,
+            concurrent: true,
+            now_ms: 1,
+        };
+        let stored = || -> LaneState {
+            let v = store.inner.lanes.get(lane_key("wh_t", ModeTag::Realtime));
+            serde_json::from_slice(&v.unwrap().unwrap()).unwrap()
+        };
+        // A new lane starts at the log's end.
+        let idle = store.lane_take(&key, &filter, args(0)).unwrap();
+        assert!(matches!(idle, Take::Idle { more: false }), "{idle:?}");
+        let events = (1..=3)
+            .map(|i| NewEvent {
+                event_id: format!("e{i}"),
+                event_name: "COURSE_ENROLLMENT".into(),
+                timestamp_ms: 1,
+                mode: Mode::Realtime,
+                json: format!("{{\"eventId\":\"e{i}\"}}"),
+            })
+            .collect();
+        store.append_events(1, events, 1).await.unwrap();
+        let mut sent: Vec<(DeliveryRecord, Vec<StoredEvent>)> = store
+            .lane_take_many(&key, &filter, args(0), 3, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|t| match t {
+                Take::Send { record, events, .. } => (*record, events),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sent.len(), 3);
+        let (mut third, third_events) = sent.pop().unwrap();
+        let (mut second, _) = sent.pop().unwrap();
+        let (mut first, first_events) = sent.pop().unwrap();
+        assert_eq!(first.seqs, [1]);
+        assert_eq!(third.seqs, [3]);
+
+        // The second goes through: logged with the next save, but the
+        // cursor stays before the first, still in flight.
+        second.push_attempt(Attempt {
+            time_ms: 1,
+            status_code: 200,
+            latency_ms: 1,
+            error: String::new(),
+        });
+        second.finish(DeliveryState::Delivered, 2);
+        assert!(store.lane_finish_quick(&key, &second));
+        store.save_lanes().unwrap();
+        assert_eq!(stored(), LaneState::default(), "cursor 0, nothing recorded");
+        assert!(store.delivery("wh_t", &second.id).unwrap().is_some());
+
+        // The first fails: recorded with its events, so the cursor moves to
+        // the third (still in flight, not recorded).
+        first.push_attempt(Attempt {
+            time_ms: 1,
+            status_code: 503,
+            latency_ms: 1,
+            error: "HTTP 503".into(),
+        });
+        first.state = DeliveryState::Retrying;
+        store
+            .lane_attempt_failed(&key, &mut first, &first_events)
+            .unwrap();
+        let s = stored();
+        assert_eq!(s.cursor, 2, "{s:?}");
+        assert_eq!(s.parallel, [first.id.clone()], "{s:?}");
+
+        // The third fails once and then goes through the slow way.
+        third.state = DeliveryState::Retrying;
+        store
+            .lane_attempt_failed(&key, &mut third, &third_events)
+            .unwrap();
+        third.finish(DeliveryState::Delivered, 3);
+        assert!(!store.lane_finish_quick(&key, &third), "a recorded one");
+        store.lane_finish(&key, &mut third, &third_events).unwrap();
+        store.save_lanes().unwrap();
+        let s = stored();
+        assert_eq!((s.cursor, &s.parallel), (3, &vec![first.id.clone()]));
+
+        // Starting over (nothing in flight, as after a restart): the first
+        // resumes under its id, then nothing is left.
+        match store.lane_take(&key, &filter, args(0)).unwrap() {
+            Take::Send { record, .. } => assert_eq!(record.id, first.id),
+            other => panic!("{other:?}"),
+        }
+        let idle = store.lane_take(&key, &filter, args(1)).unwrap();
+        assert!(matches!(idle, Take::Idle { more: false }), "{idle:?}");
+    }
 
     #[test]
     fn kept_payloads_round_trip() {
