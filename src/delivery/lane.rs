@@ -244,6 +244,8 @@ impl Lane {
         let mut in_flight = tokio::task::JoinSet::new();
         // The last take found nothing to send: wait for new events.
         let mut drained = false;
+        // Take as soon as there is room (at the start and on new events).
+        let mut eager = true;
         let mut gone = false;
         let mut settings_gone = false;
         let mut failure = None;
@@ -262,7 +264,11 @@ impl Lane {
                 }
                 _ => 0,
             };
-            while !drained && in_flight.len() < limit {
+            // With a backlog, refill in steps, so one store call takes
+            // several payloads; new events are taken at once.
+            let step = (limit / 4).max(1);
+            while !drained && in_flight.len() < limit && (eager || limit - in_flight.len() >= step)
+            {
                 let Some(snap) = &snap else { break };
                 let filter = snap.filter(Mode::Realtime).clone();
                 // Mark the log as seen before reading it, so no append is missed.
@@ -322,21 +328,32 @@ impl Lane {
                 }
                 return Ok(Flow::Continue);
             }
+            eager = false;
             let stopping = self.stopping();
             let room = drained && in_flight.len() < limit;
             tokio::select! {
-                done = in_flight.join_next() => match done {
-                    Some(Ok(Err(e))) => {
-                        tracing::error!(error = %e, "delivery failed to record");
-                        failure = Some(e);
+                done = in_flight.join_next() => {
+                    let mut done = done;
+                    while let Some(d) = done {
+                        match d {
+                            Ok(Err(e)) => {
+                                tracing::error!(error = %e, "delivery failed to record");
+                                failure = Some(e);
+                            }
+                            Err(e) => tracing::error!(error = %e, "delivery task failed"),
+                            Ok(Ok(_)) => {}
+                        }
+                        done = in_flight.try_join_next();
                     }
-                    Some(Err(e)) => tracing::error!(error = %e, "delivery task failed"),
-                    _ => {}
-                },
-                _ = self.log.changed(), if room => drained = false,
+                }
+                _ = self.log.changed(), if room => {
+                    drained = false;
+                    eager = true;
+                }
                 r = self.settings.changed(), if !settings_gone => {
                     settings_gone = r.is_err();
                     drained = false;
+                    eager = true;
                 }
                 _ = stop.wait_for(|s| *s), if !stopping => {}
             }

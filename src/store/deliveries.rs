@@ -34,7 +34,8 @@
 //!   has requeued yet.
 //! - `X` wh → () : a deleted webhook whose records the janitor still removes.
 //!
-//! Writes that belong together but are not one batch are ordered so a crash
+//! A lane's delivered records and its state are written in one batch.
+//! Other writes that belong together but are not one batch are ordered so a crash
 //! in between leaves nothing pointing at what is missing: a payload before
 //! the record that says it is kept, index entries before the finished
 //! record (the janitor drops index entries whose record is not finished).
@@ -1009,18 +1010,33 @@ impl Store {
     /// Writes a lane's delivered records and then its state as far as it is
     /// recorded (see [`LaneSlot::stored_state`]). Under the lane's lock.
     fn save_lane(&self, slot: &mut LaneSlot, webhook_id: &str, mode: ModeTag) -> Result<()> {
-        let mut pending = std::mem::take(&mut slot.unsaved).into_iter();
-        while let Some(mut r) = pending.next() {
-            if let Err(e) = self.record_finished(&mut r, &[]) {
-                // Kept, in order, for the next save.
-                slot.unsaved = std::iter::once(r).chain(pending).collect();
-                return Err(e);
+        let state = serde_json::to_vec(&slot.stored_state())?;
+        if slot.unsaved.is_empty() {
+            self.inner.lanes.insert(lane_key(webhook_id, mode), state)?;
+        } else {
+            // One batch: sled writes out its buffer around each batch, which
+            // costs little spread over a few hundred records, and the state
+            // can never be stored without the records it moved past.
+            let mut batch = sled::Batch::default();
+            for r in &slot.unsaved {
+                batch.insert(
+                    finished_key(
+                        finished_class(r.state),
+                        r.finish_time_ms,
+                        &r.webhook_id,
+                        &r.id,
+                    ),
+                    &[],
+                );
+                batch.insert(
+                    keyed(DELIVERY, &r.webhook_id, &r.id),
+                    serde_json::to_vec(r)?,
+                );
             }
+            batch.insert(lane_key(webhook_id, mode), state);
+            self.inner.lanes.apply_batch(batch)?;
+            slot.unsaved.clear();
         }
-        self.inner.lanes.insert(
-            lane_key(webhook_id, mode),
-            serde_json::to_vec(&slot.stored_state())?,
-        )?;
         slot.dirty = false;
         Ok(())
     }
