@@ -30,6 +30,9 @@ use crate::store::{LaneKey, Take, TakeArgs};
 /// does not want catches up in steps of this size.
 const SCAN_LIMIT: usize = 20_000;
 
+/// How often a lane that takes none of the new events moves its cursor past them.
+const UNSUBSCRIBED_CATCH_UP: Duration = Duration::from_secs(1);
+
 /// A one-at-a-time real-time lane with a backlog takes up to this many
 /// payloads per store call and sends them one after another, in order...
 const TAKE_AHEAD_PAYLOADS: usize = 16;
@@ -175,6 +178,7 @@ impl Lane {
             return self.sender().send(record, Arc::new(events)).await;
         }
         let filter = snap.filter(self.mode).clone();
+        let subscribes = filter.subscribes();
         let batch_due = self.mode == Mode::Batch && Instant::now() >= *next_batch;
         // Mark the log as seen before reading it, so no append is missed.
         self.log.borrow_and_update();
@@ -207,7 +211,7 @@ impl Lane {
         match take {
             Take::Gone => Ok(Flow::Exit),
             Take::Idle { more: true } => Ok(Flow::Continue),
-            Take::Idle { more: false } => Ok(self.wait(None, true).await),
+            Take::Idle { more: false } => Ok(self.idle(subscribes).await),
             Take::NotDue => {
                 let due = *next_batch;
                 Ok(self.wait(Some(due), true).await)
@@ -218,6 +222,19 @@ impl Lane {
                 }
                 self.sender().send(*record, Arc::new(events)).await
             }
+        }
+    }
+
+    /// Waits with nothing to send. A lane none of whose webhook's types goes
+    /// to its mode (`subscribes` false: a batch lane of a webhook of
+    /// real-time types, say) gets none of the new events, so it does not
+    /// wake for each append; it moves its cursor past them once a second.
+    async fn idle(&mut self, subscribes: bool) -> Flow {
+        if subscribes {
+            self.wait(None, true).await
+        } else {
+            self.wait(Some(Instant::now() + UNSUBSCRIBED_CATCH_UP), false)
+                .await
         }
     }
 
@@ -324,7 +341,8 @@ impl Lane {
                 if limit > 1 && drained {
                     // Nothing to send and nothing in flight: wait as a
                     // one-at-a-time lane would.
-                    return Ok(self.wait(None, true).await);
+                    let subscribes = snap.is_some_and(|s| s.filter(Mode::Realtime).subscribes());
+                    return Ok(self.idle(subscribes).await);
                 }
                 return Ok(Flow::Continue);
             }
