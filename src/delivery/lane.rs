@@ -402,7 +402,7 @@ impl Sender {
                 }
             }
         }
-        let body = render_payload(self.key.account_id, events.iter().map(|e| e.json.as_str()));
+        let body = render_payload(self.key.account_id, events.iter().map(|e| &e.json));
         let shared = Arc::new(Mutex::new(record.clone()));
         let observer: AttemptObserver = {
             let shared = shared.clone();

@@ -33,8 +33,9 @@ pub struct StoredEvent {
     /// Its mode as published; None for events stored before modes were
     /// recorded (schema 2).
     pub mode: Option<Mode>,
-    /// The rendered event object.
-    pub json: String,
+    /// The rendered event object (UTF-8 JSON), a slice of the log chunk it
+    /// was read from: no copy per event.
+    pub json: bytes::Bytes,
 }
 
 /// Renders the event object. `data_json` must already be a JSON object.
@@ -61,7 +62,10 @@ pub fn render_event_json(
 }
 
 /// The payload body: `{"accountId":N,"events":[…]}`.
-pub fn render_payload<'a>(account_id: u64, events: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+pub fn render_payload<T: AsRef<[u8]>>(
+    account_id: u64,
+    events: impl IntoIterator<Item = T>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"{\"accountId\":");
     out.extend_from_slice(account_id.to_string().as_bytes());
@@ -70,7 +74,7 @@ pub fn render_payload<'a>(account_id: u64, events: impl IntoIterator<Item = &'a 
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(e.as_bytes());
+        out.extend_from_slice(e.as_ref());
     }
     out.extend_from_slice(b"]}");
     out

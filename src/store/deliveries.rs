@@ -506,7 +506,7 @@ fn encode_payload(events: &[StoredEvent]) -> Vec<u8> {
         v.push(e.event_id.len() as u8);
         v.extend_from_slice(e.event_id.as_bytes());
         v.extend_from_slice(&(e.json.len() as u32).to_be_bytes());
-        v.extend_from_slice(e.json.as_bytes());
+        v.extend_from_slice(&e.json);
     }
     v
 }
@@ -538,7 +538,9 @@ fn decode_payload(v: &[u8]) -> Result<Vec<StoredEvent>> {
         let il = take(&mut at, 1)?[0] as usize;
         let id = text(take(&mut at, il)?)?;
         let jl = u32::from_be_bytes(take(&mut at, 4)?.try_into().map_err(|_| bad())?) as usize;
-        let json = text(take(&mut at, jl)?)?;
+        let json = take(&mut at, jl)?;
+        std::str::from_utf8(json).map_err(|_| bad())?;
+        let json = bytes::Bytes::copy_from_slice(json);
         out.push(StoredEvent {
             seq,
             event_id: id,
@@ -1623,7 +1625,7 @@ mod tests {
                 event_name: "X".into(),
                 ingest_time_ms: -1,
                 mode: None,
-                json: String::new(),
+                json: bytes::Bytes::new(),
             },
         ];
         let v = encode_payload(&events);

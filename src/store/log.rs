@@ -14,6 +14,8 @@
 
 use std::collections::HashSet;
 
+use bytes::Bytes;
+
 use super::{account_key, be_u64, Store};
 use crate::domain::catalog::Mode;
 use crate::domain::delivery::LaneFilter;
@@ -192,14 +194,16 @@ pub(super) struct EventRef<'a> {
 }
 
 impl EventRef<'_> {
-    pub(super) fn to_stored(&self, seq: u64) -> StoredEvent {
+    /// The event as owned data; `chunk` is the chunk it was read from, whose
+    /// bytes it borrows (its JSON is a slice of them, not a copy).
+    pub(super) fn to_stored(&self, seq: u64, chunk: &Bytes) -> StoredEvent {
         StoredEvent {
             seq,
             event_id: self.id.to_string(),
             event_name: self.name.to_string(),
             ingest_time_ms: self.ingest_ms,
             mode: self.mode,
-            json: self.json.to_string(),
+            json: chunk.slice_ref(self.json.as_bytes()),
         }
     }
 }
@@ -558,13 +562,14 @@ impl Store {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Calls `f(seq, event)` for each event of `account_id` after
-    /// `after_seq`, in order, until `f` returns false.
+    /// Calls `f(seq, event, chunk)` for each event of `account_id` after
+    /// `after_seq`, in order, until `f` returns false; `chunk` holds the
+    /// event's bytes (see [`EventRef::to_stored`]).
     pub(super) fn visit_events(
         &self,
         account_id: u64,
         after_seq: u64,
-        mut f: impl FnMut(u64, EventRef<'_>) -> Result<bool>,
+        mut f: impl FnMut(u64, EventRef<'_>, &Bytes) -> Result<bool>,
     ) -> Result<()> {
         let want = after_seq.saturating_add(1);
         // The chunk holding `want` may start before it.
@@ -576,9 +581,11 @@ impl Store {
         for item in self.inner.log.range(event_key(account_id, start)..=end) {
             let (k, v) = item?;
             let first = be_u64(&k[9..])?;
+            // sled's value, shared rather than copied.
+            let chunk = Bytes::from_owner(v);
             let mut go_on = true;
-            for_each_in_chunk(&v, want.saturating_sub(first), |i, e| {
-                go_on = f(first + i, e)?;
+            for_each_in_chunk(&chunk, want.saturating_sub(first), |i, e| {
+                go_on = f(first + i, e, &chunk)?;
                 Ok(go_on)
             })?;
             if !go_on {
@@ -623,7 +630,7 @@ impl Store {
         let mut scanned_to = after_seq;
         let mut examined = 0;
         let mut capped = false;
-        self.visit_events(account_id, after_seq, |seq, e| {
+        self.visit_events(account_id, after_seq, |seq, e, chunk| {
             if seq > until || events.len() >= limit {
                 return Ok(false);
             }
@@ -634,7 +641,7 @@ impl Store {
             examined += 1;
             scanned_to = seq;
             if filter.accepts(e.name, e.mode) {
-                events.push(e.to_stored(seq));
+                events.push(e.to_stored(seq, chunk));
             }
             Ok(true)
         })?;
@@ -658,7 +665,7 @@ impl Store {
         let mut n = 0;
         let mut examined = 0;
         let mut capped = false;
-        self.visit_events(account_id, after_seq, |seq, e| {
+        self.visit_events(account_id, after_seq, |seq, e, _| {
             if seq > until_seq {
                 return Ok(false);
             }
@@ -678,20 +685,20 @@ impl Store {
     /// The events at the given positions (missing ones, already trimmed, skipped).
     pub(super) fn events_at(&self, account_id: u64, seqs: &[u64]) -> Result<Vec<StoredEvent>> {
         let mut out = Vec::with_capacity(seqs.len());
-        let mut chunk: Option<(u64, u64, sled::IVec)> = None;
+        let mut chunk: Option<(u64, u64, Bytes)> = None;
         for &seq in seqs {
             let cached = chunk
                 .as_ref()
                 .is_some_and(|(first, count, _)| seq >= *first && seq < first + count);
             if !cached {
                 chunk = match self.chunk_at(account_id, seq)? {
-                    Some((first, v)) => Some((first, chunk_header(&v)?.1, v)),
+                    Some((first, v)) => Some((first, chunk_header(&v)?.1, Bytes::from_owner(v))),
                     None => None,
                 };
             }
             if let Some((first, _, v)) = &chunk {
                 for_each_in_chunk(v, seq - first, |_, e| {
-                    out.push(e.to_stored(seq));
+                    out.push(e.to_stored(seq, v));
                     Ok(false)
                 })?;
             }
@@ -770,7 +777,7 @@ impl Store {
         after_seq: u64,
     ) -> Result<Option<i64>> {
         let mut found = None;
-        self.visit_events(account_id, after_seq, |_, e| {
+        self.visit_events(account_id, after_seq, |_, e, _| {
             found = Some(e.ingest_ms);
             Ok(false)
         })?;
