@@ -41,12 +41,11 @@ async fn publish_ids(ingest: &mut Ingest, ids: &[String]) {
     publish(ingest, 1010, events).await;
 }
 
-fn with_in_flight(
-    mut w: webhook_router::proto::v1::Webhook,
-    n: u32,
-) -> webhook_router::proto::v1::Webhook {
+/// A COURSE_ENROLLMENT webhook of account 1010 to `url`, `max_in_flight` n.
+async fn create_wide(admin: &mut Admin, url: &str, n: u32) -> webhook_router::proto::v1::Webhook {
+    let mut w = webhook("wide", url, &["COURSE_ENROLLMENT"], no_auth());
     w.max_in_flight = n;
-    w
+    create(admin, 1010, w).await
 }
 
 #[tokio::test]
@@ -56,15 +55,7 @@ async fn max_in_flight_sends_side_by_side_and_the_default_one_at_a_time() {
     let hold = Arc::new(|_, _: &Received| (200, vec![], HOLD));
     let wide = Listener::start(hold.clone()).await;
     let strict = Listener::start(hold).await;
-    let w = create(
-        &mut admin,
-        1010,
-        with_in_flight(
-            webhook("wide", &wide.url(), &["COURSE_ENROLLMENT"], no_auth()),
-            4,
-        ),
-    )
-    .await;
+    let w = create_wide(&mut admin, &wide.url(), 4).await;
     assert_eq!(w.max_in_flight, 4, "returned as stored");
     create(
         &mut admin,
@@ -120,15 +111,7 @@ async fn a_failing_payload_retries_on_its_own_while_the_others_go_on() {
         (200, vec![], Duration::ZERO)
     }))
     .await;
-    let w = create(
-        &mut admin,
-        1010,
-        with_in_flight(
-            webhook("wide", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
-            8,
-        ),
-    )
-    .await;
+    let w = create_wide(&mut admin, &listener.url(), 8).await;
     let sent = ids("c", 20);
     publish_ids(&mut ingest, &sent).await;
     let got = listener
@@ -187,15 +170,7 @@ async fn retrying_payloads_resume_after_a_restart() {
     let server = TestServer::start(config.clone()).await;
     let mut admin = server.admin(ADMIN).await;
     let mut ingest = server.ingest(INGEST).await;
-    let w = create(
-        &mut admin,
-        1010,
-        with_in_flight(
-            webhook("wide", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
-            4,
-        ),
-    )
-    .await;
+    let w = create_wide(&mut admin, &listener.url(), 4).await;
     let sent = ids("r", 10);
     publish_ids(&mut ingest, &sent).await;
     // Four payloads fail side by side and wait for their retries.
@@ -272,10 +247,10 @@ async fn max_in_flight_is_validated_and_updatable() {
     let err = admin
         .create_webhook(CreateWebhookRequest {
             account_id: 1010,
-            webhook: Some(with_in_flight(
-                webhook("w", &listener.url(), &["COURSE_ENROLLMENT"], no_auth()),
-                257,
-            )),
+            webhook: Some(webhook_router::proto::v1::Webhook {
+                max_in_flight: 257,
+                ..webhook("w", &listener.url(), &["COURSE_ENROLLMENT"], no_auth())
+            }),
         })
         .await
         .unwrap_err();

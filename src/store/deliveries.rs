@@ -89,7 +89,7 @@ impl LaneState {
     }
 }
 
-/// What a lane asks [`Store::lane_take`] for.
+/// What a lane asks [`Store::lane_take_many`] for.
 #[derive(Debug, Clone, Copy)]
 pub struct TakeArgs {
     /// Most events in a new payload.
@@ -118,7 +118,7 @@ pub struct LaneKey {
     pub mode: ModeTag,
 }
 
-/// What [`Store::lane_take`] found for a lane to do.
+/// What [`Store::lane_take_many`] found for a lane to do.
 #[derive(Debug)]
 pub enum Take {
     /// Send this delivery with these events.
@@ -478,6 +478,16 @@ fn finished_key(class: u8, finish_ms: i64, webhook_id: &str, delivery_id: &str) 
 }
 
 /// (webhook id, delivery id) of a finished-index key.
+/// The finish-time index key of a finished record.
+fn finished_key_of(r: &DeliveryRecord) -> Vec<u8> {
+    finished_key(
+        finished_class(r.state),
+        r.finish_time_ms,
+        &r.webhook_id,
+        &r.id,
+    )
+}
+
 fn parse_finished_key(k: &[u8]) -> Option<(String, String)> {
     let rest = std::str::from_utf8(k.get(10..)?).ok()?;
     let (w, d) = rest.split_once('/')?;
@@ -716,15 +726,9 @@ impl Store {
     /// recorded unfinished delivery, take the oldest requeued one, or take
     /// up to `max_events` new durable events (a batch lane only when it has
     /// a full payload or `batch_due`) into a new delivery, written only once
-    /// it fails or with the next batch of outcomes (see the module doc).
-    /// Blocking: call it from a blocking thread.
-    pub fn lane_take(&self, key: &LaneKey, filter: &LaneFilter, args: TakeArgs) -> Result<Take> {
-        let take = self.with_lane(key, |slot| self.take_locked(slot, key, filter, args))?;
-        Ok(take.unwrap_or(Take::Gone))
-    }
-
-    /// Up to `n` deliveries at once, under one lock: for a lane with several
-    /// in flight, or one that sends them one after another in this order.
+    /// it fails or with the next batch of outcomes (see the module doc); up
+    /// to `n` deliveries at once, under one lock, for a lane with several in
+    /// flight or one that sends them one after another in this order.
     /// Stops after the first take that is not a [`Take::Send`], after `n`
     /// sends, or once the sends carry `max_events_total` events. Blocking.
     pub fn lane_take_many(
@@ -1021,15 +1025,7 @@ impl Store {
             // can never be stored without the records it moved past.
             let mut batch = sled::Batch::default();
             for r in &slot.unsaved {
-                batch.insert(
-                    finished_key(
-                        finished_class(r.state),
-                        r.finish_time_ms,
-                        &r.webhook_id,
-                        &r.id,
-                    ),
-                    &[],
-                );
+                batch.insert(finished_key_of(r), &[]);
                 batch.insert(
                     keyed(DELIVERY, &r.webhook_id, &r.id),
                     serde_json::to_vec(r)?,
@@ -1074,15 +1070,7 @@ impl Store {
                 .lanes
                 .insert(keyed(DEAD_INDEX, &record.webhook_id, &record.id), &[])?;
         }
-        self.inner.lanes.insert(
-            finished_key(
-                finished_class(record.state),
-                record.finish_time_ms,
-                &record.webhook_id,
-                &record.id,
-            ),
-            &[],
-        )?;
+        self.inner.lanes.insert(finished_key_of(record), &[])?;
         self.put_record(record)
     }
 
@@ -1459,15 +1447,7 @@ impl Store {
                 r.finish_time_ms = r.create_time_ms;
             }
             let mut batch = sled::Batch::default();
-            batch.insert(
-                finished_key(
-                    finished_class(r.state),
-                    r.finish_time_ms,
-                    &r.webhook_id,
-                    &r.id,
-                ),
-                &[],
-            );
+            batch.insert(finished_key_of(&r), &[]);
             if r.state == DeliveryState::Dead {
                 batch.insert(keyed(DEAD_INDEX, &r.webhook_id, &r.id), &[]);
             }
@@ -1523,12 +1503,19 @@ mod tests {
             concurrent: true,
             now_ms: 1,
         };
+        let take = |args: TakeArgs| -> Take {
+            let mut takes = store
+                .lane_take_many(&key, &filter, args, 1, usize::MAX)
+                .unwrap();
+            assert_eq!(takes.len(), 1);
+            takes.pop().unwrap()
+        };
         let stored = || -> LaneState {
             let v = store.inner.lanes.get(lane_key("wh_t", ModeTag::Realtime));
             serde_json::from_slice(&v.unwrap().unwrap()).unwrap()
         };
         // A new lane starts at the log's end.
-        let idle = store.lane_take(&key, &filter, args(0)).unwrap();
+        let idle = take(args(0));
         assert!(matches!(idle, Take::Idle { more: false }), "{idle:?}");
         let events = (1..=3)
             .map(|i| NewEvent {
@@ -1600,11 +1587,11 @@ mod tests {
 
         // Starting over (nothing in flight, as after a restart): the first
         // resumes under its id, then nothing is left.
-        match store.lane_take(&key, &filter, args(0)).unwrap() {
+        match take(args(0)) {
             Take::Send { record, .. } => assert_eq!(record.id, first.id),
             other => panic!("{other:?}"),
         }
-        let idle = store.lane_take(&key, &filter, args(1)).unwrap();
+        let idle = take(args(1));
         assert!(matches!(idle, Take::Idle { more: false }), "{idle:?}");
     }
 
