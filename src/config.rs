@@ -282,6 +282,13 @@ impl Default for Delivery {
 pub struct ConfigError(pub String);
 
 impl Config {
+    /// The storage backend this configuration names.
+    pub fn storage_backend(&self) -> crate::store::Backend {
+        crate::store::Backend::Sled {
+            dir: self.data_dir.clone(),
+        }
+    }
+
     /// Defaults, then `file` (if any), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         Self::load_with_env(file, std::env::vars())

@@ -60,25 +60,6 @@ impl Error {
     }
 }
 
-impl From<sled::Error> for Error {
-    fn from(e: sled::Error) -> Self {
-        match e {
-            // Disk full, read-only folder, I/O failure: the client may retry.
-            sled::Error::Io(io) => Error::Unavailable(io.to_string()),
-            other => Error::Internal(format!("sled: {other}")),
-        }
-    }
-}
-
-impl From<sled::transaction::TransactionError<Error>> for Error {
-    fn from(e: sled::transaction::TransactionError<Error>) -> Self {
-        match e {
-            sled::transaction::TransactionError::Abort(inner) => inner,
-            sled::transaction::TransactionError::Storage(s) => s.into(),
-        }
-    }
-}
-
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
         Error::Internal(format!("corrupt record: {e}"))

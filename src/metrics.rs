@@ -32,7 +32,7 @@ use tower::BoxError;
 use crate::delivery::stack::Verdict;
 use crate::domain::catalog::Mode;
 use crate::domain::now_ms;
-use crate::store::Store;
+use crate::store::{EventLog, LaneStore, Store, StoreHealth};
 
 /// Most log records a scrape reads past a lane's cursor to find the age of
 /// its oldest pending event (further on, the first record's age is used).

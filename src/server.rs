@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::proto::v1::event_ingest_server::EventIngestServer;
 use crate::proto::v1::webhook_admin_server::WebhookAdminServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
-use crate::store::Store;
+use crate::store::{self, ConfigStore, Store, StoreHealth};
 
 /// Name of the file first-start credentials are written to, in `data_dir`.
 pub const INITIAL_CREDENTIALS_FILE: &str = "initial-credentials.toml";
@@ -63,7 +63,7 @@ pub async fn run_with_metrics_listener(
 ) -> Result<()> {
     let config = Arc::new(config);
     let tls = load_tls(&config)?;
-    let store = open_store_with_retry(&config.data_dir, config.storage.secret_key_bytes()).await?;
+    let store = store::open(&config.storage_backend(), config.storage.secret_key_bytes()).await?;
     let tokens = Arc::new(
         TokenTable::new(&resolve_tokens(&config, &store).await?)
             .with_rate_limit(
@@ -147,9 +147,8 @@ pub async fn run_with_metrics_listener(
     // streams, idle clients) get shutdown_grace_ms to finish, then are dropped.
     let (signal_tx, mut signal_rx) = tokio::sync::watch::channel(false);
     let reopen_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tokio::spawn(stop_when_writable_again(
-        store.watch_failure(),
-        config.data_dir.clone(),
+    tokio::spawn(stop_when_recoverable(
+        store.recoverable(),
         signal_tx.clone(),
         reopen_requested.clone(),
     ));
@@ -224,26 +223,6 @@ pub async fn run_with_metrics_listener(
     served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
 }
 
-/// Opens the store, waiting briefly if a previous instance in this process
-/// still holds the folder's lock.
-async fn open_store_with_retry(dir: &Path, secret_key: Option<[u8; 32]>) -> Result<Store> {
-    let mut tries = 0;
-    loop {
-        let path = dir.to_path_buf();
-        let opened =
-            tokio::task::spawn_blocking(move || Store::open_with_key(&path, secret_key.as_ref()))
-                .await
-                .map_err(|e| Error::Internal(format!("opening the store: {e}")))?;
-        match opened {
-            Err(Error::Unavailable(m)) if tries < 30 && m.contains("lock") => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Configured tokens, or the ones created on first start. With none
 /// configured the service never runs open: it creates an admin and an
 /// ingest token, keeps their hashes in the store and writes the tokens to
@@ -252,7 +231,7 @@ async fn resolve_tokens(config: &Config, store: &Store) -> Result<Vec<TokenConfi
     if !config.tokens.is_empty() {
         return Ok(config.tokens.clone());
     }
-    if let Some(saved) = store.blocking(|s| s.bootstrap_tokens()).await? {
+    if let Some(saved) = store.bootstrap_tokens().await? {
         tracing::info!(
             "no tokens configured; using the credentials created on first start (see {})",
             INITIAL_CREDENTIALS_FILE
@@ -332,45 +311,21 @@ fn load_tls(config: &Config) -> Result<Option<ServerTlsConfig>> {
     Ok(Some(tls))
 }
 
-/// Bytes written (and removed) to check that `data_dir` takes writes again:
-/// room for a couple of the database's log segments.
-const WRITE_PROBE_BYTES: usize = 1 << 20;
-
-/// Once the store has failed, checks every second whether `data_dir` takes
-/// writes again; then asks [`run`] to stop (`stop`) so it can be started on
-/// a freshly opened store, and says so in `requested`. Holds no store handle,
-/// so the database can be released and reopened.
-async fn stop_when_writable_again(
-    mut failure: tokio::sync::watch::Receiver<Option<String>>,
-    data_dir: std::path::PathBuf,
+/// Once the store has failed and can be opened afresh (see
+/// [`StoreHealth::recoverable`]), asks [`run`] to stop (`stop`) so it can be
+/// started on a new handle, and says so in `requested`.
+async fn stop_when_recoverable(
+    recoverable: futures::future::BoxFuture<'static, ()>,
     stop: tokio::sync::watch::Sender<bool>,
     requested: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    if failure.wait_for(|f| f.is_some()).await.is_err() {
-        return; // the store closed without failing
-    }
-    let probe = data_dir.join(".write-probe");
-    loop {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        if *stop.borrow() {
-            return;
-        }
-        let path = probe.clone();
-        let writable = tokio::task::spawn_blocking(move || {
-            let result = std::fs::write(&path, vec![0u8; WRITE_PROBE_BYTES])
-                .and_then(|_| std::fs::File::open(&path)?.sync_all());
-            let _ = std::fs::remove_file(&path);
-            result.is_ok()
-        })
-        .await
-        .unwrap_or(false);
-        if writable {
-            break;
-        }
+    let mut stopping = stop.subscribe();
+    tokio::select! {
+        _ = recoverable => {}
+        _ = stopping.wait_for(|s| *s) => return,
     }
     tracing::warn!(
-        data_dir = %data_dir.display(),
-        "the data folder takes writes again; restarting the service on a freshly opened store"
+        "the store can be opened again; restarting the service on a freshly opened store"
     );
     requested.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = stop.send(true);

@@ -47,7 +47,7 @@ fn state() -> &'static AppState {
             let config = Arc::new(config);
             let catalog = Arc::new(Catalog::new(&config.event_types));
             let state = rt.block_on(async {
-                let store = Store::open(dir.path()).unwrap();
+                let store = Store::open_sled(dir.path()).unwrap();
                 let dispatcher = Dispatcher::start(store.clone(), config.clone(), catalog.clone())
                     .await
                     .unwrap();

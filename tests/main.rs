@@ -12,6 +12,7 @@ mod auth_matrix;
 mod catalog_changes;
 mod cli;
 mod concurrency;
+mod conformance;
 mod cpu_cost;
 mod crash;
 mod delivery;

@@ -16,6 +16,7 @@ use crate::domain::webhook::{self, Auth, Rules, SecretRecord, Webhook};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::v1::webhook_admin_server::WebhookAdmin;
+use crate::store::{ConfigStore, DeliveryLog};
 
 /// Longest rotation grace period.
 const MAX_GRACE_SECONDS: u32 = 7 * 24 * 3600;
@@ -44,7 +45,7 @@ impl AdminService {
         let id = webhook_id.to_string();
         self.state
             .store
-            .blocking(move |s| s.get_webhook(account_id, &id))
+            .get_webhook(account_id, &id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("webhook {webhook_id}")))
     }
@@ -57,11 +58,7 @@ impl AdminService {
     ) -> Result<(Webhook, Option<SecretRecord>)> {
         let w = self.load(account_id, webhook_id).await?;
         let id = w.id.clone();
-        let secret = self
-            .state
-            .store
-            .blocking(move |s| s.get_secret(&id))
-            .await?;
+        let secret = self.state.store.get_secret(&id).await?;
         Ok((w, secret))
     }
 
@@ -237,7 +234,7 @@ impl WebhookAdmin for AdminService {
         let (items, more) = self
             .state
             .store
-            .blocking(move |s| s.list_webhooks(account_id, after.as_deref(), limit))
+            .list_webhooks(account_id, after, limit)
             .await?;
         let next_page_token = match (more, items.last()) {
             (true, Some(last)) => page_token("wh", &last.id),
@@ -503,7 +500,7 @@ impl WebhookAdmin for AdminService {
         let page = self
             .state
             .store
-            .blocking(move |s| s.list_deliveries(&webhook_id, state, after.as_deref(), limit))
+            .list_deliveries(&webhook_id, state, after, limit)
             .await?;
         Ok(Response::new(pb::ListDeliveriesResponse {
             deliveries: page
@@ -541,28 +538,26 @@ impl WebhookAdmin for AdminService {
         };
         let (account_id, webhook_id) = (r.account_id, w.id.clone());
         let metrics = self.state.metrics.clone();
+        let progress_webhook = webhook_id.clone();
+        let mut reported = 0;
         let total = self
             .state
             .store
-            .blocking(move |s| {
-                let mut reported = 0;
-                s.redeliver(&webhook_id, ids.as_deref(), now_ms(), |done, total| {
-                    metrics.redelivery_requeued((done - reported) as u64);
-                    reported = done;
-                    // Large requeues show their progress in the log.
-                    if total > 1000 {
-                        tracing::info!(
-                            account_id,
-                            webhook_id = %webhook_id,
-                            done,
-                            total,
-                            "redelivery progress"
-                        );
-                    }
-                })
+            .redeliver(&webhook_id, ids, now_ms(), move |done, total| {
+                metrics.redelivery_requeued((done - reported) as u64);
+                reported = done;
+                // Large requeues show their progress in the log.
+                if total > 1000 {
+                    tracing::info!(
+                        account_id,
+                        webhook_id = %progress_webhook,
+                        done,
+                        total,
+                        "redelivery progress"
+                    );
+                }
             })
             .await?;
-        self.state.store.flush().await?;
         tracing::info!(
             account_id = r.account_id,
             webhook_id = %w.id,

@@ -16,6 +16,7 @@ use crate::domain::now_ms;
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::v1::event_ingest_server::EventIngest;
+use crate::store::EventLog;
 
 /// Longest accepted event id.
 pub const MAX_EVENT_ID_BYTES: usize = 128;

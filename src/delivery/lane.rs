@@ -24,7 +24,7 @@ use crate::domain::delivery::{DeliveryRecord, DeliveryState};
 use crate::domain::event::{render_payload, StoredEvent};
 use crate::domain::now_ms;
 use crate::error::Result;
-use crate::store::{LaneKey, Take, TakeArgs};
+use crate::store::{LaneKey, LaneStore, StoreHealth, Take, TakeArgs};
 
 /// Most log records examined per read; a lane behind many events of types it
 /// does not want catches up in steps of this size.
@@ -93,7 +93,7 @@ impl Lane {
                         // If the store can no longer write, say so now, so
                         // no lane sends what it could not record.
                         let store = self.dispatcher.inner.store.clone();
-                        let _ = store.blocking(|s| s.probe()).await;
+                        let _ = store.probe().await;
                         tracing::error!(error = %e, "lane step failed; retrying in 1 s");
                         if self.pause(Duration::from_secs(1)).await {
                             return;
@@ -197,7 +197,7 @@ impl Lane {
         };
         let mut takes = inner
             .store
-            .blocking(move |s| s.lane_take_many(&key, &filter, args, n, max_events))
+            .lane_take_many(key, filter, args, n, max_events)
             .await?
             .into_iter();
         let Some(take) = takes.next() else {
@@ -302,7 +302,7 @@ impl Lane {
                 let room = limit - in_flight.len();
                 let takes = match inner
                     .store
-                    .blocking(move |s| s.lane_take_many(&key, &filter, args, room, usize::MAX))
+                    .lane_take_many(key, filter, args, room, usize::MAX)
                     .await
                 {
                     Ok(takes) => takes,
@@ -418,7 +418,7 @@ impl Sender {
                 let events = events.clone();
                 Box::pin(async move {
                     metrics.attempt_failed(attempt.latency_ms, next.is_some());
-                    let mut r = {
+                    let r = {
                         let mut r = shared.lock().unwrap_or_else(|p| p.into_inner());
                         r.push_attempt(attempt.clone());
                         if let Some(at) = next {
@@ -435,18 +435,9 @@ impl Sender {
                         "delivery attempt failed"
                     );
                     let store = dispatcher.inner.store.clone();
-                    let saved = store
-                        .blocking(move |s| {
-                            s.lane_attempt_failed(&key, &mut r, &events)?;
-                            Ok(r)
-                        })
-                        .await;
                     // On disk before the retry wait: a crash then resumes
                     // this schedule, under the same id, with its attempts.
-                    let saved = match saved {
-                        Ok(r) => store.flush().await.map(|_| r),
-                        Err(e) => Err(e),
-                    };
+                    let saved = store.lane_attempt_failed(key, r, events).await;
                     match saved {
                         Ok(r) => {
                             shared.lock().unwrap_or_else(|p| p.into_inner()).events_kept =
@@ -517,13 +508,7 @@ impl Sender {
         let r = if inner.store.lane_finish_quick(&key, &r) {
             r
         } else {
-            inner
-                .store
-                .blocking(move |s| {
-                    s.lane_finish(&key, &mut r, &events)?;
-                    Ok(r)
-                })
-                .await?
+            inner.store.lane_finish(key, r, events).await?
         };
         tracing::debug!(delivery_id = %r.id, events = r.event_ids.len(), state = ?r.state, "delivery finished");
         self.dispatcher.publish_outcome(r);

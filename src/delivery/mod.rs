@@ -27,7 +27,7 @@ use crate::domain::ids::{new_id, DELIVERY_PREFIX};
 use crate::domain::now_ms;
 use crate::domain::webhook::{SecretRecord, Webhook};
 use crate::error::{Error, Result};
-use crate::store::{LaneKey, Store};
+use crate::store::{ConfigStore, EventLog, LaneKey, LaneStore, Store};
 use client::{ClientSettings, HttpClient};
 use retry::RetryPolicy;
 use stack::{AttemptStack, DeliveryRequest, Pacer, WebhookSnapshot};
@@ -139,7 +139,7 @@ impl Dispatcher {
                 metrics,
             }),
         };
-        for w in store.blocking(|s| s.all_webhooks()).await? {
+        for w in store.all_webhooks().await? {
             dispatcher.refresh(w.account_id, &w.id).await;
         }
         tokio::spawn(janitor(dispatcher.clone()));
@@ -162,14 +162,16 @@ impl Dispatcher {
     async fn reload(&self, account_id: u64, webhook_id: &str) {
         let _serial = self.inner.refresh_lock.lock().await;
         let id = webhook_id.to_string();
-        let loaded = self
-            .inner
-            .store
-            .blocking(move |s| match s.get_webhook(account_id, &id)? {
-                Some(w) => Ok(Some((s.get_secret(&id)?, w))),
-                None => Ok(None),
-            })
-            .await;
+        let loaded = self.inner.store.get_webhook(account_id, &id).await;
+        let loaded = match loaded {
+            Ok(Some(w)) => self
+                .inner
+                .store
+                .get_secret(&id)
+                .await
+                .map(|secret| Some((secret, w))),
+            other => other.map(|_| None),
+        };
         let (secret, webhook) = match loaded {
             Ok(Some(found)) => found,
             Ok(None) => return,
@@ -301,7 +303,7 @@ impl Dispatcher {
             .unwrap_or_else(|p| p.into_inner());
         accounts
             .entry(account_id)
-            .or_insert_with(|| watch::channel(self.inner.store.durable_seq()).0)
+            .or_insert_with(|| watch::channel(self.inner.store.durable_head(account_id)).0)
             .subscribe()
     }
 
@@ -394,7 +396,7 @@ impl Dispatcher {
         }
         drop(sets);
         // What the lanes delivered and did not write yet.
-        if let Err(e) = self.inner.store.blocking(|s| s.save_lanes()).await {
+        if let Err(e) = self.inner.store.save_lanes().await {
             tracing::error!(error = %e, "cannot write the last delivery outcomes");
         }
     }
@@ -433,7 +435,7 @@ async fn log_writer(d: Dispatcher) {
             _ = tokio::time::sleep(period) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if let Err(e) = d.inner.store.blocking(|s| s.save_lanes()).await {
+        if let Err(e) = d.inner.store.save_lanes().await {
             tracing::error!(error = %e, "cannot write delivery outcomes; retrying");
         }
     }
@@ -459,7 +461,7 @@ async fn janitor(d: Dispatcher) {
         let round = d
             .inner
             .store
-            .blocking(move |s| s.janitor_round(&catalog, now_ms(), retention, dead_retention))
+            .janitor_round(catalog, now_ms(), retention, dead_retention)
             .await;
         wait = period;
         match round {

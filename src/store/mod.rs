@@ -1,266 +1,460 @@
-//! The only module that touches sled. Its API speaks domain types, so a second
-//! backend can follow behind the same calls.
+//! Storage: the interfaces the rest of the router speaks, and their backends.
 //!
-//! Trees and keys (all integers big-endian so byte order is numeric order):
-//! - default tree: `health_probe` → empty, rewritten to check that writes work.
-//! - `meta`: `schema_version` → u32; `bootstrap_tokens` → JSON;
-//!   `secret_key_id` → the id of the key secrets are sealed with (see [`crypt`]).
-//! - `webhooks`: account(8) ‖ webhook id → Webhook (JSON).
-//! - `secrets`: webhook id → SecretRecord (JSON).
-//! - `log`: `e` ‖ account(8) ‖ first seq(8) → chunk (the events of one
-//!   request, each with its delivery mode, see `log.rs`); `i` ‖ account(8) ‖
-//!   event id → seq(8); `m` → highest seq. One tree, so one batch makes an
-//!   ingest request atomic.
-//! - `lanes`: lane states, delivery records, kept payloads, requeued work,
-//!   the finish-time and dead-letter indexes and tombstones of deleted
-//!   webhooks (see `deliveries.rs`).
+//! Everything outside this module holds a [`Store`] and calls it through
+//! four domain-typed, async interfaces; none of it knows which backend runs:
+//! - [`EventLog`]: appending events (durable when it returns, idempotent on
+//!   the event id) and what is stored;
+//! - [`ConfigStore`]: webhooks, their secrets, the first-start tokens;
+//! - [`LaneStore`]: what each lane (webhook × mode) sends next, and its
+//!   outcomes, written in batches; the janitor's retention work;
+//! - [`DeliveryLog`]: listing and requeuing deliveries;
+//! - [`StoreHealth`]: durability barriers, failure and recovery.
 //!
-//! Methods are synchronous and may block on disk; async callers run them
-//! with [`Store::blocking`] (or use the async ones, which do so inside), so
-//! no tokio worker waits on sled.
+//! Backends: `sled/` (the embedded default; the only code that touches
+//! sled). [`Store`] is a closed enum over them and implements every
+//! interface by `match`, so generic methods stay possible and nothing is
+//! boxed. [`open`] is the only place that chooses one.
+//!
+//! Shared here: [`crypt`] (secrets sealed at rest, the same format on every
+//! backend) and [`types`] (lane keys, takes, pages, reports).
 
-mod commit;
 pub mod crypt;
-mod deliveries;
-mod durable;
-mod janitor;
-mod log;
-mod stats;
-mod webhooks;
+pub mod sled;
+pub mod types;
 
+use std::future::Future;
+
+use futures::future::BoxFuture;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-pub use commit::GroupCommit;
-pub use deliveries::{
-    DeliveryPage, LaneKey, LaneState, LaneTally, Take, TakeArgs, BACKLOG_SEED_LIMIT,
+pub use self::sled::{DiskSync, SledStore};
+pub use types::{
+    AppendOutcome, Appended, DeliveryPage, JanitorReport, LaneKey, LaneTally, Take, TakeArgs,
+    BACKLOG_SEED_LIMIT,
 };
-pub use durable::DiskSync;
-pub use janitor::JanitorReport;
-pub use log::{AppendOutcome, Appended};
 
 use crate::config::TokenConfig;
-use crate::error::{Error, Result};
+use crate::domain::catalog::Catalog;
+use crate::domain::delivery::{DeliveryRecord, DeliveryState, LaneFilter};
+use crate::domain::event::{NewEvent, StoredEvent};
+use crate::domain::webhook::{SecretRecord, Webhook};
+use crate::error::Result;
 
-/// Version of the on-disk layout this build writes.
-/// 1: one log key per event. 2: one log key per request (chunk).
-/// 3: chunks record each event's delivery mode; finished deliveries are
-/// indexed by finish time; dead letters and retried deliveries keep their
-/// events with them.
-pub const SCHEMA_VERSION: u32 = 3;
+/// The event log of every account.
+pub trait EventLog {
+    /// Appends `events` to `account_id`'s log. Durable (power loss
+    /// included) when it returns Ok; an event whose id the account already
+    /// stored (or that came earlier in the same call) is reported as a
+    /// duplicate and not stored again. Each event keeps its delivery mode.
+    fn append_events(
+        &self,
+        account_id: u64,
+        events: Vec<NewEvent>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Appended>> + Send;
 
-/// Handle to the database; cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    inner: Arc<Inner>,
+    /// Up to `limit` durable events of `account_id` after `after_seq`, in
+    /// log order (increasing sequence numbers).
+    fn read_events(
+        &self,
+        account_id: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredEvent>>> + Send;
+
+    /// A sequence number no durable event of `account_id` is above yet
+    /// (lanes start their wake-up watch from it).
+    fn durable_head(&self, account_id: u64) -> u64;
+
+    /// Events in the log, all accounts (for the metrics).
+    fn stored_events(&self) -> u64;
 }
 
-struct Inner {
-    db: sled::Db,
-    meta: sled::Tree,
-    webhooks: sled::Tree,
-    secrets: sled::Tree,
-    log: sled::Tree,
-    lanes: sled::Tree,
-    /// Serialises webhook writes so the per-account limit cannot be raced.
-    admin_lock: std::sync::Mutex<()>,
-    /// Serialises appends: idempotency checks and sequence numbers.
-    append_lock: std::sync::Mutex<log::AppendState>,
-    /// Publish calls waiting for the log writer (see `append_events`).
-    append_queue: std::sync::Mutex<log::AppendQueue>,
-    commit: GroupCommit,
-    /// Highest log sequence number known durable: every event up to it was
-    /// acknowledged or is on disk. Lanes read no further (see
-    /// [`Store::durable_seq`]).
-    durable_seq: AtomicU64,
-    /// Seals signing secrets and Basic passwords at rest, when a key is set.
-    cipher: Option<crypt::SecretCipher>,
-    /// Lane locks, cached lane states and deleted webhooks.
-    lane_registry: deliveries::LaneRegistry,
+/// Webhook configuration, secrets and the first-start tokens.
+pub trait ConfigStore {
+    /// Stores a new webhook (and its secret), unless its account already
+    /// has `max_per_account` (RESOURCE_EXHAUSTED); the limit holds under
+    /// concurrent creates.
+    fn create_webhook(
+        &self,
+        webhook: Webhook,
+        secret: Option<SecretRecord>,
+        max_per_account: u32,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// One webhook of an account.
+    fn get_webhook(
+        &self,
+        account_id: u64,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Webhook>>> + Send;
+
+    /// A page of an account's webhooks by id, after `after`; and whether more follow.
+    fn list_webhooks(
+        &self,
+        account_id: u64,
+        after: Option<String>,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<Webhook>, bool)>> + Send;
+
+    /// Every webhook of every account (the dispatcher's start).
+    fn all_webhooks(&self) -> impl Future<Output = Result<Vec<Webhook>>> + Send;
+
+    /// Applies `change` to the stored webhook and its secret atomically: the
+    /// closure gets the webhook to edit and the current secret, and returns
+    /// a secret to store instead (or None to keep it). NOT_FOUND for a
+    /// missing or deleted webhook; the change can never revive a deleted one.
+    fn update_webhook<F>(
+        &self,
+        account_id: u64,
+        id: &str,
+        change: F,
+    ) -> impl Future<Output = Result<Webhook>> + Send
+    where
+        F: FnOnce(&mut Webhook, Option<SecretRecord>) -> Result<Option<SecretRecord>>
+            + Send
+            + 'static;
+
+    /// Deletes a webhook, its secret, lanes and deliveries, for good.
+    fn delete_webhook(&self, account_id: u64, id: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// A webhook's signing secret(s), opened.
+    fn get_secret(&self, id: &str) -> impl Future<Output = Result<Option<SecretRecord>>> + Send;
+
+    /// Whether `webhook_id` was deleted (cheap; no I/O).
+    fn is_deleted(&self, webhook_id: &str) -> bool;
+
+    /// The tokens created on first start, if any.
+    fn bootstrap_tokens(&self) -> impl Future<Output = Result<Option<Vec<TokenConfig>>>> + Send;
+
+    /// Stores the first-start tokens (hashes only), durably.
+    fn set_bootstrap_tokens(
+        &self,
+        tokens: &[TokenConfig],
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Lanes: what each sends next and what came of it.
+pub trait LaneStore {
+    /// Up to `n` things for the lane to do (see [`Take`]), at most
+    /// `max_events_total` events over all of them.
+    fn lane_take_many(
+        &self,
+        key: LaneKey,
+        filter: LaneFilter,
+        args: TakeArgs,
+        n: usize,
+        max_events_total: usize,
+    ) -> impl Future<Output = Result<Vec<Take>>> + Send;
+
+    /// Records a failed attempt with its events, durably, before the retry
+    /// wait: a crash then resumes this schedule under the same id.
+    fn lane_attempt_failed(
+        &self,
+        key: LaneKey,
+        record: DeliveryRecord,
+        events: Arc<Vec<StoredEvent>>,
+    ) -> impl Future<Output = Result<DeliveryRecord>> + Send;
+
+    /// Records a finished delivery (delivered, dead or expired).
+    fn lane_finish(
+        &self,
+        key: LaneKey,
+        record: DeliveryRecord,
+        events: Arc<Vec<StoredEvent>>,
+    ) -> impl Future<Output = Result<DeliveryRecord>> + Send;
+
+    /// Takes a delivered new payload into memory, to be written with the
+    /// next batch, when that needs no I/O now; false: call
+    /// [`LaneStore::lane_finish`] instead.
+    fn lane_finish_quick(&self, key: &LaneKey, record: &DeliveryRecord) -> bool;
+
+    /// Writes what the lanes delivered and did not write yet (one batch per
+    /// lane); returns how many records.
+    fn save_lanes(&self) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Every lane's live figures (for the metrics; no I/O).
+    fn lane_tallies(&self) -> Vec<(LaneKey, Arc<LaneTally>)>;
+
+    /// Ingest time of the next event the lane will take, looking at most
+    /// `scan_limit` log entries ahead (for the metrics).
+    fn lane_next_ingest_ms(
+        &self,
+        key: &LaneKey,
+        filter: &LaneFilter,
+        scan_limit: usize,
+    ) -> Result<Option<i64>>;
+
+    /// One round of retention work: expiring what lanes did not send in
+    /// time, purging finished deliveries, trimming the log.
+    fn janitor_round(
+        &self,
+        catalog: Arc<Catalog>,
+        now_ms: i64,
+        retention_ms: i64,
+        dead_retention_ms: i64,
+    ) -> impl Future<Output = Result<JanitorReport>> + Send;
+}
+
+/// The delivery log.
+pub trait DeliveryLog {
+    /// A page of a webhook's deliveries, newest first.
+    fn list_deliveries(
+        &self,
+        webhook_id: &str,
+        state: Option<DeliveryState>,
+        after: Option<String>,
+        limit: usize,
+    ) -> impl Future<Output = Result<DeliveryPage>> + Send;
+
+    /// Requeues the dead deliveries named by `ids` (all of them with None);
+    /// `progress(done, total)` follows along. Returns how many.
+    fn redeliver<P>(
+        &self,
+        webhook_id: &str,
+        ids: Option<Vec<String>>,
+        now_ms: i64,
+        progress: P,
+    ) -> impl Future<Output = Result<usize>> + Send
+    where
+        P: FnMut(usize, usize) + Send + 'static;
+}
+
+/// Durability, failure and recovery.
+pub trait StoreHealth {
+    /// Waits until every write made before this call is durable.
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Why the store stopped taking writes, if it did.
+    fn failure(&self) -> Option<String>;
+
+    /// Changes when the store fails (see [`StoreHealth::failure`]).
+    fn watch_failure(&self) -> tokio::sync::watch::Receiver<Option<String>>;
+
+    /// Checks with a tiny write that the store takes writes.
+    fn probe(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Resolves once a failed store can be opened afresh (e.g. its folder
+    /// takes writes again): the server then restarts on a new handle.
+    /// Pending forever for a store that recovers by itself.
+    fn recoverable(&self) -> BoxFuture<'static, ()>;
+
+    /// Bytes the store occupies on disk, when it knows.
+    fn size_on_disk(&self) -> u64;
+}
+
+/// Which backend to open, and how.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The embedded database in `dir`.
+    Sled {
+        /// The data folder.
+        dir: std::path::PathBuf,
+    },
+}
+
+/// Handle to the storage backend in use; cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    /// The embedded sled database.
+    Sled(SledStore),
+}
+
+/// Opens the configured backend; `secret_key` seals secrets at rest.
+pub async fn open(backend: &Backend, secret_key: Option<[u8; 32]>) -> Result<Store> {
+    match backend {
+        Backend::Sled { dir } => Ok(Store::Sled(
+            SledStore::open_with_retry(dir, secret_key).await?,
+        )),
+    }
 }
 
 impl Store {
-    /// Opens (or creates) the database under `dir` and checks its schema version.
-    pub fn open(dir: &Path) -> Result<Store> {
-        Self::open_with_key(dir, None)
+    /// Opens an embedded store in `dir` (tests and tools).
+    pub fn open_sled(dir: &Path) -> Result<Store> {
+        SledStore::open(dir).map(Store::Sled)
     }
+}
 
-    /// Like [`Store::open`], sealing secrets and passwords with `secret_key`
-    /// (`storage.secret_key`). Fails with [`Error::Startup`] when the folder
-    /// holds values sealed with another key, or sealed values and no key is
-    /// given. With a key on a folder of plain values, seals them all at once.
-    pub fn open_with_key(dir: &Path, secret_key: Option<&[u8; 32]>) -> Result<Store> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::Unavailable(format!("cannot create data_dir {}: {e}", dir.display()))
-        })?;
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(64 * 1024 * 1024)
-            // The group commit flushes and fsyncs instead (see commit.rs).
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match Error::from(e) {
-                Error::Unavailable(m) => Error::Unavailable(format!(
-                    "cannot open the database in {}: {m}",
-                    dir.display()
-                )),
-                other => other,
-            })?;
-        let meta = db.open_tree("meta")?;
-        check_schema(&db, &meta)?;
-        let log = db.open_tree("log")?;
-        let append_state = log::AppendState::load(&log)?;
-        let webhooks = db.open_tree("webhooks")?;
-        let secrets = db.open_tree("secrets")?;
-        let cipher = secret_key.map(crypt::SecretCipher::new);
-        webhooks::check_secret_key(&db, &meta, &webhooks, &secrets, cipher.as_ref())?;
-        // Everything recovered or converted above becomes durable here,
-        // before anything is served from it.
-        let disk = DiskSync::open(&dir.join("db")).map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot fsync the database in {}: {e}",
-                dir.display()
-            ))
-        })?;
-        let durable_seq = AtomicU64::new(append_state.last_seq());
-        let inner = Inner {
-            commit: GroupCommit::start(db.clone(), disk),
-            durable_seq,
-            webhooks,
-            secrets,
-            cipher,
-            lanes: db.open_tree("lanes")?,
-            log,
-            meta,
-            db,
-            admin_lock: std::sync::Mutex::new(()),
-            append_lock: std::sync::Mutex::new(append_state),
-            append_queue: std::sync::Mutex::default(),
-            lane_registry: deliveries::LaneRegistry::default(),
-        };
-        let store = Store {
-            inner: Arc::new(inner),
-        };
-        store.load_deleted()?;
-        Ok(store)
+/// Forwards a call to the backend in use.
+macro_rules! on_backend {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Sled($s) => $call,
+        }
+    };
+}
+
+impl EventLog for Store {
+    async fn append_events(
+        &self,
+        account_id: u64,
+        events: Vec<NewEvent>,
+        now_ms: i64,
+    ) -> Result<Appended> {
+        on_backend!(self, s => s.append_events(account_id, events, now_ms).await)
     }
+    async fn read_events(
+        &self,
+        account_id: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        on_backend!(self, s => EventLog::read_events(s, account_id, after_seq, limit).await)
+    }
+    fn durable_head(&self, account_id: u64) -> u64 {
+        on_backend!(self, s => EventLog::durable_head(s, account_id))
+    }
+    fn stored_events(&self) -> u64 {
+        on_backend!(self, s => EventLog::stored_events(s))
+    }
+}
 
-    /// Runs `f` on a blocking thread, so a caller on a tokio worker never
-    /// waits on sled or on a lock held across sled calls.
-    pub async fn blocking<T, F>(&self, f: F) -> Result<T>
+impl ConfigStore for Store {
+    async fn create_webhook(
+        &self,
+        webhook: Webhook,
+        secret: Option<SecretRecord>,
+        max_per_account: u32,
+    ) -> Result<()> {
+        on_backend!(self, s => ConfigStore::create_webhook(s, webhook, secret, max_per_account).await)
+    }
+    async fn get_webhook(&self, account_id: u64, id: &str) -> Result<Option<Webhook>> {
+        on_backend!(self, s => ConfigStore::get_webhook(s, account_id, id).await)
+    }
+    async fn list_webhooks(
+        &self,
+        account_id: u64,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Webhook>, bool)> {
+        on_backend!(self, s => ConfigStore::list_webhooks(s, account_id, after, limit).await)
+    }
+    async fn all_webhooks(&self) -> Result<Vec<Webhook>> {
+        on_backend!(self, s => ConfigStore::all_webhooks(s).await)
+    }
+    async fn update_webhook<F>(&self, account_id: u64, id: &str, change: F) -> Result<Webhook>
     where
-        T: Send + 'static,
-        F: FnOnce(&Store) -> Result<T> + Send + 'static,
+        F: FnOnce(&mut Webhook, Option<SecretRecord>) -> Result<Option<SecretRecord>>
+            + Send
+            + 'static,
     {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Error::Internal(format!("store task: {e}")))?
+        on_backend!(self, s => ConfigStore::update_webhook(s, account_id, id, change).await)
     }
-
-    /// Waits until every write made before this call is on disk.
-    pub async fn flush(&self) -> Result<()> {
-        let ticket = self.inner.commit.ticket();
-        self.inner.commit.durable(ticket).await
+    async fn delete_webhook(&self, account_id: u64, id: &str) -> Result<()> {
+        on_backend!(self, s => ConfigStore::delete_webhook(s, account_id, id).await)
     }
-
-    /// Bytes the database occupies on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+    async fn get_secret(&self, id: &str) -> Result<Option<SecretRecord>> {
+        on_backend!(self, s => ConfigStore::get_secret(s, id).await)
     }
-
-    /// Tokens created on first start, if any.
-    pub fn bootstrap_tokens(&self) -> Result<Option<Vec<TokenConfig>>> {
-        match self.inner.meta.get("bootstrap_tokens")? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+    fn is_deleted(&self, webhook_id: &str) -> bool {
+        on_backend!(self, s => ConfigStore::is_deleted(s, webhook_id))
     }
-
-    /// Why the store stopped taking writes, if it did. sled 0.34 cannot
-    /// resume after a write error (disk full, read-only, I/O): reads keep
-    /// working, writes fail until the database is opened again (the server
-    /// does that once the folder takes writes again).
-    pub fn failure(&self) -> Option<String> {
-        self.inner.commit.failure()
+    async fn bootstrap_tokens(&self) -> Result<Option<Vec<TokenConfig>>> {
+        on_backend!(self, s => ConfigStore::bootstrap_tokens(s).await)
     }
-
-    /// Changes when the store fails (see [`Store::failure`]).
-    pub fn watch_failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
-        self.inner.commit.watch_failure()
-    }
-
-    /// Checks with a tiny write that the store still takes writes.
-    pub fn probe(&self) -> Result<()> {
-        self.inner.commit.probe(&self.inner.db)
-    }
-
-    /// Stores the first-start tokens (hashes only) durably.
-    pub async fn set_bootstrap_tokens(&self, tokens: &[TokenConfig]) -> Result<()> {
-        let value = serde_json::to_vec(tokens)?;
-        self.blocking(move |s| {
-            s.inner.meta.insert("bootstrap_tokens", value)?;
-            Ok(())
-        })
-        .await?;
-        self.flush().await
+    async fn set_bootstrap_tokens(&self, tokens: &[TokenConfig]) -> Result<()> {
+        on_backend!(self, s => ConfigStore::set_bootstrap_tokens(s, tokens).await)
     }
 }
 
-fn check_schema(db: &sled::Db, meta: &sled::Tree) -> Result<()> {
-    match meta.get("schema_version")? {
-        None => {
-            // A new folder, or one from before versions were stored (none exists).
-            meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
-            db.flush()?;
-            Ok(())
-        }
-        Some(v) => {
-            let found = u32::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| Error::Internal("corrupt schema_version".into()))?,
-            );
-            if found > SCHEMA_VERSION {
-                return Err(Error::Internal(format!(
-                    "data folder has schema version {found}, newer than this build's {SCHEMA_VERSION}"
-                )));
-            }
-            let log = db.open_tree("log")?;
-            if found < 3 {
-                let n = Store::index_old_records(&db.open_tree("lanes")?)?;
-                tracing::info!(
-                    records = n,
-                    "delivery log indexed for schema version 3 (retention by finish time)"
-                );
-            }
-            if found < 2 {
-                let n = log::migrate_v1(&log)?;
-                tracing::info!(
-                    events = n,
-                    "event log converted to schema version 2 (chunks)"
-                );
-            }
-            if found < SCHEMA_VERSION {
-                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
-                db.flush()?;
-                log::migration_finished(&log)?;
-            }
-            Ok(())
-        }
+impl LaneStore for Store {
+    async fn lane_take_many(
+        &self,
+        key: LaneKey,
+        filter: LaneFilter,
+        args: TakeArgs,
+        n: usize,
+        max_events_total: usize,
+    ) -> Result<Vec<Take>> {
+        on_backend!(self, s => LaneStore::lane_take_many(s, key, filter, args, n, max_events_total).await)
+    }
+    async fn lane_attempt_failed(
+        &self,
+        key: LaneKey,
+        record: DeliveryRecord,
+        events: Arc<Vec<StoredEvent>>,
+    ) -> Result<DeliveryRecord> {
+        on_backend!(self, s => LaneStore::lane_attempt_failed(s, key, record, events).await)
+    }
+    async fn lane_finish(
+        &self,
+        key: LaneKey,
+        record: DeliveryRecord,
+        events: Arc<Vec<StoredEvent>>,
+    ) -> Result<DeliveryRecord> {
+        on_backend!(self, s => LaneStore::lane_finish(s, key, record, events).await)
+    }
+    fn lane_finish_quick(&self, key: &LaneKey, record: &DeliveryRecord) -> bool {
+        on_backend!(self, s => LaneStore::lane_finish_quick(s, key, record))
+    }
+    async fn save_lanes(&self) -> Result<usize> {
+        on_backend!(self, s => LaneStore::save_lanes(s).await)
+    }
+    fn lane_tallies(&self) -> Vec<(LaneKey, Arc<LaneTally>)> {
+        on_backend!(self, s => LaneStore::lane_tallies(s))
+    }
+    fn lane_next_ingest_ms(
+        &self,
+        key: &LaneKey,
+        filter: &LaneFilter,
+        scan_limit: usize,
+    ) -> Result<Option<i64>> {
+        on_backend!(self, s => LaneStore::lane_next_ingest_ms(s, key, filter, scan_limit))
+    }
+    async fn janitor_round(
+        &self,
+        catalog: Arc<Catalog>,
+        now_ms: i64,
+        retention_ms: i64,
+        dead_retention_ms: i64,
+    ) -> Result<JanitorReport> {
+        on_backend!(self, s => LaneStore::janitor_round(s, catalog, now_ms, retention_ms, dead_retention_ms).await)
     }
 }
 
-/// Account prefix of keys.
-fn account_key(account_id: u64) -> [u8; 8] {
-    account_id.to_be_bytes()
+impl DeliveryLog for Store {
+    async fn list_deliveries(
+        &self,
+        webhook_id: &str,
+        state: Option<DeliveryState>,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<DeliveryPage> {
+        on_backend!(self, s => DeliveryLog::list_deliveries(s, webhook_id, state, after, limit).await)
+    }
+    async fn redeliver<P>(
+        &self,
+        webhook_id: &str,
+        ids: Option<Vec<String>>,
+        now_ms: i64,
+        progress: P,
+    ) -> Result<usize>
+    where
+        P: FnMut(usize, usize) + Send + 'static,
+    {
+        on_backend!(self, s => DeliveryLog::redeliver(s, webhook_id, ids, now_ms, progress).await)
+    }
 }
 
-/// Reads a big-endian u64 from the first 8 bytes.
-fn be_u64(b: &[u8]) -> Result<u64> {
-    b.get(..8)
-        .and_then(|s| s.try_into().ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| Error::Internal("short key".into()))
+impl StoreHealth for Store {
+    async fn flush(&self) -> Result<()> {
+        on_backend!(self, s => StoreHealth::flush(s).await)
+    }
+    fn failure(&self) -> Option<String> {
+        on_backend!(self, s => StoreHealth::failure(s))
+    }
+    fn watch_failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        on_backend!(self, s => StoreHealth::watch_failure(s))
+    }
+    async fn probe(&self) -> Result<()> {
+        on_backend!(self, s => StoreHealth::probe(s).await)
+    }
+    fn recoverable(&self) -> BoxFuture<'static, ()> {
+        on_backend!(self, s => StoreHealth::recoverable(s))
+    }
+    fn size_on_disk(&self) -> u64 {
+        on_backend!(self, s => StoreHealth::size_on_disk(s))
+    }
 }

@@ -3,12 +3,12 @@
 //! these only seed a gauge when a lane starts and look up, per scrape, one
 //! timestamp per lane, so a scrape costs the same however much is queued.
 
-use super::deliveries::LaneKey;
-use super::Store;
+use super::SledStore;
 use crate::domain::delivery::LaneFilter;
 use crate::error::Result;
+use crate::store::types::LaneKey;
 
-impl Store {
+impl SledStore {
     /// Events after `after_seq` up to `until_seq` that the lane takes,
     /// counting at most `scan_limit` log records; true when it stopped there.
     pub fn lane_backlog_between(

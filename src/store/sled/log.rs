@@ -16,11 +16,12 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 
-use super::{account_key, be_u64, Store};
+use super::{account_key, be_u64, SledStore};
 use crate::domain::catalog::Mode;
 use crate::domain::delivery::LaneFilter;
 use crate::domain::event::{NewEvent, StoredEvent};
 use crate::error::{Error, Result};
+use crate::store::types::*;
 
 const EVENT: u8 = b'e';
 const INDEX: u8 = b'i';
@@ -65,29 +66,6 @@ impl AppendState {
         };
         Ok(AppendState { last_seq, stored })
     }
-}
-
-/// What happened to one appended event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppendOutcome {
-    /// The event's id.
-    pub event_id: String,
-    /// Already in the log (or earlier in the same request): not stored again.
-    pub duplicate: bool,
-}
-
-/// The result of [`Store::append_events`].
-#[derive(Debug)]
-pub struct Appended {
-    /// One per event, in request order.
-    pub outcomes: Vec<AppendOutcome>,
-    /// Sequence number of the first event stored (the others follow it in
-    /// order, duplicates skipped); meaningless when none was stored.
-    pub first_seq: u64,
-    /// Highest sequence number in the log after the append.
-    pub last_seq: u64,
-    /// The request's events, handed back.
-    pub events: Vec<NewEvent>,
 }
 
 /// Key of the chunk whose first event has sequence number `seq`.
@@ -336,7 +314,7 @@ pub(super) fn migration_finished(log: &sled::Tree) -> Result<()> {
     Ok(())
 }
 
-/// What a lane read found: see [`Store::read_for_lane`].
+/// What a lane read found: see [`SledStore::read_for_lane`].
 pub(super) struct LaneRead {
     /// The events the lane takes, oldest first.
     pub events: Vec<StoredEvent>,
@@ -370,7 +348,7 @@ pub(super) struct AppendQueue {
 /// at least one call, whatever its size.
 const ROUND_BYTES: usize = 8 << 20;
 
-impl Store {
+impl SledStore {
     /// Appends events to the account's log, all or none, skipping ids already
     /// present. Durable when it returns Ok (group commit).
     ///
@@ -593,6 +571,25 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Up to `limit` durable events of `account_id` after `after_seq`, in order.
+    pub fn read_events(
+        &self,
+        account_id: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        let until = self.durable_seq();
+        let mut events = Vec::new();
+        self.visit_events(account_id, after_seq, |seq, e, chunk| {
+            if seq > until || events.len() >= limit {
+                return Ok(false);
+            }
+            events.push(e.to_stored(seq, chunk));
+            Ok(true)
+        })?;
+        Ok(events)
     }
 
     /// The chunk holding event `seq`: (its first seq, its bytes).

@@ -3,11 +3,11 @@
 use sled::transaction::{abort, ConflictableTransactionError};
 use sled::Transactional;
 
-use super::crypt::{self, Purpose, SecretCipher};
-use super::{account_key, Store};
+use super::{account_key, SledStore};
 use crate::domain::delivery::ModeTag;
 use crate::domain::webhook::{Auth, SecretRecord, Webhook};
 use crate::error::{Error, Result};
+use crate::store::crypt::{self, Purpose, SecretCipher};
 
 fn webhook_key(account_id: u64, id: &str) -> Vec<u8> {
     let mut k = account_key(account_id).to_vec();
@@ -15,7 +15,7 @@ fn webhook_key(account_id: u64, id: &str) -> Vec<u8> {
     k
 }
 
-impl Store {
+impl SledStore {
     /// Stores a new webhook (and its secret), refusing past `max_per_account`.
     /// Its lanes start at the end of the log, in the same transaction: a
     /// webhook receives the events published after it was created. Durable
@@ -209,7 +209,7 @@ impl Store {
                     return abort(Error::NotFound(format!("webhook {id}")));
                 }
                 st.remove(id.as_bytes())?;
-                Store::delete_lanes_in(lt, id)?;
+                SledStore::delete_lanes_in(lt, id)?;
                 Ok(())
             },
         )?;
@@ -298,7 +298,7 @@ fn open_secret(
 /// Meta key holding the id of the key secrets are sealed with.
 const SECRET_KEY_ID: &str = "secret_key_id";
 
-/// Checks the configured key against the folder (see [`Store::open_with_key`]);
+/// Checks the configured key against the folder (see [`SledStore::open_with_key`]);
 /// on the first start with a key, seals every plain secret and password and
 /// records the key id, in one transaction.
 pub(super) fn check_secret_key(

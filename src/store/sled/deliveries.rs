@@ -15,7 +15,7 @@
 //! the same events after a crash keeps its `webhook-id`. A payload that
 //! fails is recorded (record, then the lane state naming it) before its
 //! retry wait. Delivered ones wait in the slot and are written in batches
-//! by [`Store::save_lanes`] (every `delivery.log_flush_ms`, at shutdown, and
+//! by [`SledStore::save_lanes`] (every `delivery.log_flush_ms`, at shutdown, and
 //! whenever a lane has [`MAX_UNSAVED`]); until then the stored cursor stays
 //! before them, so a crash repeats those deliveries and never skips one.
 //!
@@ -41,16 +41,17 @@
 //! record (the janitor drops index entries whose record is not finished).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::Store;
+use super::SledStore;
 use crate::domain::catalog::Mode;
 use crate::domain::delivery::{DeliveryRecord, DeliveryState, LaneFilter, ModeTag};
 use crate::domain::event::{NewEvent, StoredEvent};
 use crate::error::{Error, Result};
+use crate::store::types::*;
 
 const LANE: u8 = b'L';
 const DELIVERY: u8 = b'D';
@@ -86,196 +87,6 @@ impl LaneState {
             self.head = None;
         }
         self.parallel.retain(|p| p != id);
-    }
-}
-
-/// What a lane asks [`Store::lane_take_many`] for.
-#[derive(Debug, Clone, Copy)]
-pub struct TakeArgs {
-    /// Most events in a new payload.
-    pub max_events: usize,
-    /// A batch lane's interval has passed: send what it has.
-    pub batch_due: bool,
-    /// Most log records examined.
-    pub scan_limit: usize,
-    /// How many of the lane's deliveries the caller has in flight; 0 means
-    /// whatever was handed out before and not finished was abandoned.
-    pub in_flight: usize,
-    /// The lane sends several payloads at once (`max_in_flight` > 1).
-    pub concurrent: bool,
-    /// Now, ms.
-    pub now_ms: i64,
-}
-
-/// One lane: its account, webhook and mode.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct LaneKey {
-    /// The webhook's account.
-    pub account_id: u64,
-    /// The webhook.
-    pub webhook_id: String,
-    /// Real-time or batch.
-    pub mode: ModeTag,
-}
-
-/// What [`Store::lane_take_many`] found for a lane to do.
-#[derive(Debug)]
-pub enum Take {
-    /// Send this delivery with these events.
-    Send {
-        /// The delivery (PENDING or RETRYING).
-        record: Box<DeliveryRecord>,
-        /// Its events, oldest first.
-        events: Vec<StoredEvent>,
-        /// Events the lane's cursor moved past into this delivery (0 for a
-        /// head resumed after a restart or a requeued delivery).
-        taken: u64,
-        /// Whether it came from the requeued queue.
-        requeued: bool,
-    },
-    /// Nothing to send now. `more`: the read stopped at its scan limit, so
-    /// read again at once instead of waiting for new events.
-    Idle {
-        /// Read again at once.
-        more: bool,
-    },
-    /// A batch lane has events waiting, fewer than a full payload, and its
-    /// batch interval has not passed.
-    NotDue,
-    /// The webhook was deleted: the lane must stop.
-    Gone,
-}
-
-/// One page of a delivery listing.
-#[derive(Debug, Clone)]
-pub struct DeliveryPage {
-    /// Records, newest first.
-    pub deliveries: Vec<DeliveryRecord>,
-    /// Id of the last record returned, when more may follow.
-    pub next_after: Option<String>,
-}
-
-/// Most log records counted when a lane's backlog tally is seeded; a lane
-/// further behind reports this many and sets `capped`.
-pub const BACKLOG_SEED_LIMIT: usize = 1_000_000;
-
-/// A lane's figures for the metrics, kept up to date as events arrive and
-/// leave the lane instead of being counted at scrape time. Seeded by one
-/// bounded count when the lane first runs (and again when its filter
-/// changes); every change that depends on the cursor happens under the
-/// lane's lock, arrivals are counted by sequence number past the seed point.
-#[derive(Debug)]
-pub struct LaneTally {
-    /// Events after the cursor that the lane will take.
-    pending: AtomicI64,
-    /// Arrivals above this sequence number are counted as they are
-    /// appended; `u64::MAX` until the tally is seeded.
-    counted_through: AtomicU64,
-    /// The seed count stopped at its limit: the lane is further behind.
-    capped: AtomicBool,
-    /// Requeued deliveries waiting.
-    requeued: AtomicI64,
-    /// Events of the delivery at the head (in flight or retrying).
-    head_events: AtomicU64,
-    /// Ingest time of the head's first event; 0 without a head.
-    head_ingest_ms: AtomicI64,
-    /// The filter the tally was seeded for; a different one reseeds.
-    filter: Mutex<Option<LaneFilter>>,
-}
-
-impl Default for LaneTally {
-    fn default() -> Self {
-        LaneTally {
-            pending: AtomicI64::new(0),
-            counted_through: AtomicU64::new(u64::MAX),
-            capped: AtomicBool::new(false),
-            requeued: AtomicI64::new(0),
-            head_events: AtomicU64::new(0),
-            head_ingest_ms: AtomicI64::new(0),
-            filter: Mutex::new(None),
-        }
-    }
-}
-
-impl LaneTally {
-    fn seeded(&self) -> bool {
-        self.counted_through.load(Ordering::Acquire) != u64::MAX
-    }
-
-    fn sub_pending(&self, n: u64) {
-        if self.seeded() {
-            self.pending.fetch_sub(n as i64, Ordering::AcqRel);
-        }
-    }
-
-    /// Nothing is in flight any more; `returned` events of new payloads
-    /// that were never finished go back after the cursor (taken again).
-    fn heads_dropped(&self, returned: u64) {
-        self.head_events.store(0, Ordering::Release);
-        if self.seeded() {
-            self.pending.fetch_add(returned as i64, Ordering::AcqRel);
-        }
-        self.head_ingest_ms.store(0, Ordering::Release);
-    }
-
-    /// A payload of `events` goes out; `first` when nothing else is in flight.
-    fn head_taken(&self, events: &[StoredEvent], first: bool) {
-        self.head_events
-            .fetch_add(events.len() as u64, Ordering::AcqRel);
-        if first {
-            self.head_ingest_ms.store(
-                events.first().map_or(0, |e| e.ingest_time_ms),
-                Ordering::Release,
-            );
-        }
-    }
-
-    /// A payload of `n` events finished; `last` when nothing else is in flight.
-    fn head_finished(&self, n: u64, last: bool) {
-        let _ = self
-            .head_events
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                Some(h.saturating_sub(n))
-            });
-        if last {
-            self.head_events.store(0, Ordering::Release);
-            self.head_ingest_ms.store(0, Ordering::Release);
-        }
-    }
-
-    /// Events the lane still owes: after its cursor, plus its head's.
-    pub fn backlog(&self) -> u64 {
-        let pending = self.pending.load(Ordering::Acquire).max(0) as u64;
-        pending + self.head_events.load(Ordering::Acquire)
-    }
-
-    /// Whether the seed count stopped at [`BACKLOG_SEED_LIMIT`].
-    pub fn capped(&self) -> bool {
-        self.capped.load(Ordering::Acquire)
-    }
-
-    /// Requeued deliveries waiting.
-    pub fn requeued(&self) -> u64 {
-        self.requeued.load(Ordering::Acquire).max(0) as u64
-    }
-
-    /// Events after the cursor (without the head's).
-    pub fn pending(&self) -> u64 {
-        self.pending.load(Ordering::Acquire).max(0) as u64
-    }
-
-    /// Ingest time of the head's first event, if there is a head.
-    pub fn head_ingest_ms(&self) -> Option<i64> {
-        (self.head_events.load(Ordering::Acquire) > 0)
-            .then(|| self.head_ingest_ms.load(Ordering::Acquire))
-    }
-
-    /// The filter the lane last ran with.
-    pub fn filter(&self) -> Option<LaneFilter> {
-        self.filter
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 }
 
@@ -563,7 +374,7 @@ fn decode_payload(v: &[u8]) -> Result<Vec<StoredEvent>> {
     Ok(out)
 }
 
-impl Store {
+impl SledStore {
     fn put_record(&self, r: &DeliveryRecord) -> Result<()> {
         self.inner.lanes.insert(
             keyed(DELIVERY, &r.webhook_id, &r.id),
@@ -986,7 +797,7 @@ impl Store {
         .map(drop)
     }
 
-    /// [`Store::lane_finish`] for a new delivery that went through, when that
+    /// [`SledStore::lane_finish`] for a new delivery that went through, when that
     /// needs no write and the lane's lock is free at once: only memory
     /// changes, so it may run on an async thread. False: call `lane_finish`.
     pub fn lane_finish_quick(&self, key: &LaneKey, record: &DeliveryRecord) -> bool {
@@ -1474,7 +1285,7 @@ mod tests {
         use crate::domain::delivery::Attempt;
         use crate::domain::webhook::{Auth, Webhook};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         let webhook = Webhook {
             id: "wh_t".into(),
             account_id: 1,

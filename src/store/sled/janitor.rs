@@ -8,11 +8,11 @@
 
 use std::sync::Arc;
 
-use super::deliveries::LaneKey;
-use super::Store;
+use super::SledStore;
 use crate::domain::catalog::{Catalog, Mode};
 use crate::domain::delivery::LaneFilter;
 use crate::error::Result;
+use crate::store::types::{JanitorReport, LaneKey};
 
 /// Index entries of finished records handled per round.
 const PURGE_PER_ROUND: usize = 1000;
@@ -21,22 +21,7 @@ const CLEAN_PER_ROUND: usize = 1000;
 /// Events trimmed per account and round (whole chunks, so a little more).
 const TRIM_PER_ROUND: u64 = 10_000;
 
-/// What one round did.
-#[derive(Debug, Default)]
-pub struct JanitorReport {
-    /// Events each lane lost to expiry.
-    pub expired: Vec<(LaneKey, u64)>,
-    /// Finished-record index entries handled.
-    pub purged: usize,
-    /// Keys of deleted webhooks removed.
-    pub cleaned: usize,
-    /// Events trimmed from the log.
-    pub trimmed: u64,
-    /// A limit was reached: run again soon.
-    pub more: bool,
-}
-
-impl Store {
+impl SledStore {
     /// One janitor round at `now_ms`. Blocking: call it from a blocking thread.
     pub fn janitor_round(
         &self,
