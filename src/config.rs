@@ -104,12 +104,44 @@ impl Tls {
 }
 
 /// `[storage]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Storage {
     /// Base64 of 32 random bytes: the AES-256-GCM key that encrypts webhook
     /// signing secrets and Basic-auth passwords at rest. Empty: stored plain.
     pub secret_key: String,
+    /// Where config, events and lanes live: `sled` (embedded, in
+    /// `data_dir`) or `postgres` (shared by several routers).
+    pub backend: StorageBackend,
+    /// `postgres://user:password@host:port/database` (backend `postgres`).
+    pub postgres_url: String,
+    /// Connections each router keeps open to PostgreSQL.
+    pub postgres_pool_size: u32,
+    /// How long a router holds a lane (and a cluster chore) without renewing
+    /// it; the lanes of a router that died are taken over after this, ms.
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            secret_key: String::new(),
+            backend: StorageBackend::Sled,
+            postgres_url: String::new(),
+            postgres_pool_size: 16,
+            lease_ttl_ms: 10_000,
+        }
+    }
+}
+
+/// `storage.backend`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// The embedded database in `data_dir`.
+    Sled,
+    /// A PostgreSQL database at `storage.postgres_url`.
+    Postgres,
 }
 
 impl Storage {
@@ -379,6 +411,31 @@ impl Config {
         if self.tls.cert_path.as_os_str().is_empty() != self.tls.key_path.as_os_str().is_empty() {
             return bad("tls", "set both cert_path and key_path, or neither");
         }
+        let st = &self.storage;
+        if st.backend == StorageBackend::Postgres {
+            if st.postgres_url.is_empty() {
+                return bad(
+                    "storage.postgres_url",
+                    "must be set with storage.backend = \"postgres\", e.g. \
+                     postgres://router:password@127.0.0.1:5432/webhooks",
+                );
+            }
+            match url::Url::parse(&st.postgres_url) {
+                Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") && u.has_host() => {}
+                _ => {
+                    return bad(
+                        "storage.postgres_url",
+                        "must be a postgres://user:password@host:port/database URL",
+                    )
+                }
+            }
+        }
+        if !(1..=1024).contains(&st.postgres_pool_size) {
+            return bad("storage.postgres_pool_size", "must be 1..=1024");
+        }
+        if !(1_000..=600_000).contains(&st.lease_ttl_ms) {
+            return bad("storage.lease_ttl_ms", "must be 1000..=600000");
+        }
         if !self.storage.secret_key.is_empty() && self.storage.secret_key_bytes().is_none() {
             return bad(
                 "storage.secret_key",
@@ -494,7 +551,30 @@ impl Config {
         {
             *k = toml::Value::String(MASK.into());
         }
+        if let Some(u) = value
+            .get_mut("storage")
+            .and_then(|s| s.get_mut("postgres_url"))
+        {
+            if let Some(text) = u.as_str() {
+                *u = toml::Value::String(mask_url_password(text));
+            }
+        }
         toml::to_string_pretty(&value).unwrap_or_default()
+    }
+}
+
+/// `url` with its password (if any) replaced by the mask; a value that is
+/// not a URL is masked whole, since it may hold one.
+pub fn mask_url_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some(MASK));
+            }
+            u.to_string()
+        }
+        Err(_) if url.is_empty() => String::new(),
+        Err(_) => MASK.into(),
     }
 }
 
@@ -684,5 +764,55 @@ mod tests {
             assert!(!text.contains(&format!("\"{secret}\"")), "{text}");
         }
         assert!(text.contains("/etc/key.pem") && text.contains("listen = \"x\""));
+    }
+
+    #[test]
+    fn storage_backend_keys_are_checked_and_the_url_password_masked() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (format!("{ENV_PREFIX}{k}"), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let c = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::Sled);
+        assert_eq!(
+            (c.storage.postgres_pool_size, c.storage.lease_ttl_ms),
+            (16, 10_000)
+        );
+        let e = Config::load_with_env(None, env(&[("STORAGE__BACKEND", "postgres")])).unwrap_err();
+        assert!(e.0.starts_with("storage.postgres_url:"), "{e}");
+        let e = Config::load_with_env(
+            None,
+            env(&[
+                ("STORAGE__BACKEND", "postgres"),
+                ("STORAGE__POSTGRES_URL", "mysql://h/db"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("storage.postgres_url:"), "{e}");
+        let e = Config::load_with_env(None, env(&[("STORAGE__BACKEND", "mongo")])).unwrap_err();
+        assert!(e.0.contains("mongo"), "{e}");
+        let e = Config::load_with_env(None, env(&[("STORAGE__LEASE_TTL_MS", "10")])).unwrap_err();
+        assert!(e.0.starts_with("storage.lease_ttl_ms:"), "{e}");
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("STORAGE__BACKEND", "postgres"),
+                (
+                    "STORAGE__POSTGRES_URL",
+                    "postgres://router:hunter2@127.0.0.1:5432/wh",
+                ),
+                ("STORAGE__POSTGRES_POOL_SIZE", "4"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.storage.postgres_pool_size, 4);
+        let text = c.to_masked_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(
+            text.contains("postgres://router:********@127.0.0.1:5432/wh"),
+            "{text}"
+        );
     }
 }
