@@ -120,21 +120,37 @@ pub async fn run_with_metrics_listener(
         .set_serving::<EventIngestServer<IngestService>>()
         .await;
 
-    // A store that can no longer write (see Store::failure) turns health to
-    // NOT_SERVING until the store is reopened (see stop_when_writable_again).
+    // A store that cannot take writes (see StoreHealth::failure) turns health
+    // to NOT_SERVING, and back to SERVING once it takes them again (a
+    // database back after an outage; sled instead restarts the service, see
+    // stop_when_recoverable).
     {
         let health = health.clone();
         let mut failure = store.watch_failure();
         tokio::spawn(async move {
-            if failure.wait_for(|f| f.is_some()).await.is_ok() {
-                use tonic_health::ServingStatus::NotServing;
-                health.set_service_status("", NotServing).await;
+            use tonic_health::ServingStatus::{NotServing, Serving};
+            loop {
+                let status = if failure.borrow_and_update().is_some() {
+                    NotServing
+                } else {
+                    Serving
+                };
+                health.set_service_status("", status).await;
                 health
-                    .set_not_serving::<WebhookAdminServer<AdminService>>()
+                    .set_service_status(
+                        <WebhookAdminServer<AdminService> as tonic::server::NamedService>::NAME,
+                        status,
+                    )
                     .await;
                 health
-                    .set_not_serving::<EventIngestServer<IngestService>>()
+                    .set_service_status(
+                        <EventIngestServer<IngestService> as tonic::server::NamedService>::NAME,
+                        status,
+                    )
                     .await;
+                if failure.changed().await.is_err() {
+                    return;
+                }
             }
         });
     }

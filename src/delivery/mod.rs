@@ -27,7 +27,7 @@ use crate::domain::ids::{new_id, DELIVERY_PREFIX};
 use crate::domain::now_ms;
 use crate::domain::webhook::{SecretRecord, Webhook};
 use crate::error::{Error, Result};
-use crate::store::{ConfigStore, EventLog, LaneKey, LaneStore, Store};
+use crate::store::{Change, ConfigStore, EventLog, LaneKey, LaneStore, Store, StoreHealth};
 use client::{ClientSettings, HttpClient};
 use retry::RetryPolicy;
 use stack::{AttemptStack, DeliveryRequest, Pacer, WebhookSnapshot};
@@ -144,6 +144,7 @@ impl Dispatcher {
         }
         tokio::spawn(janitor(dispatcher.clone()));
         tokio::spawn(log_writer(dispatcher.clone()));
+        tokio::spawn(follow_changes(dispatcher.clone(), store.changes()));
         Ok(dispatcher)
     }
 
@@ -421,6 +422,31 @@ impl Dispatcher {
             }
             Err(Error::NotFound(_)) => {}
             Err(e) => tracing::error!(webhook_id, error = %e, "cannot disable webhook"),
+        }
+    }
+}
+
+/// Applies what other routers sharing the store did (see [`Change`]): wakes
+/// lanes for their events, reloads webhooks they changed, passes their
+/// delivery outcomes to this router's watchers.
+async fn follow_changes(d: Dispatcher, mut changes: tokio::sync::broadcast::Receiver<Change>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut stop = d.inner.stop.subscribe();
+    loop {
+        let change = tokio::select! {
+            c = changes.recv() => c,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match change {
+            Ok(Change::Events { account_id, head_seq }) => d.events_appended(account_id, head_seq),
+            Ok(Change::Webhook { account_id, webhook_id }) => {
+                d.refresh(account_id, &webhook_id).await
+            }
+            Ok(Change::Outcome(record)) => d.publish_outcome((*record).clone()),
+            Ok(Change::LaneAcquired(key)) => d.wake(&key.webhook_id),
+            // Hints only: the lanes poll on their own as well.
+            Err(RecvError::Lagged(n)) => tracing::debug!(missed = n, "store change hints dropped"),
+            Err(RecvError::Closed) => return,
         }
     }
 }

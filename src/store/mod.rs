@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 pub use self::sled::{DiskSync, SledStore};
 pub use types::{
-    AppendOutcome, Appended, DeliveryPage, JanitorReport, LaneKey, LaneTally, Take, TakeArgs,
+    AppendOutcome, Appended, Change, DeliveryPage, JanitorReport, LaneKey, LaneTally, Take, TakeArgs,
     BACKLOG_SEED_LIMIT,
 };
 
@@ -242,6 +242,10 @@ pub trait StoreHealth {
 
     /// Bytes the store occupies on disk, when it knows.
     fn size_on_disk(&self) -> u64;
+
+    /// What other routers sharing the store do (see [`Change`]); a store no
+    /// one else writes (sled) never sends anything.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Change>;
 }
 
 /// Which backend to open, and how.
@@ -456,5 +460,8 @@ impl StoreHealth for Store {
     }
     fn size_on_disk(&self) -> u64 {
         on_backend!(self, s => StoreHealth::size_on_disk(s))
+    }
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        on_backend!(self, s => StoreHealth::changes(s))
     }
 }

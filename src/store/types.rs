@@ -234,3 +234,28 @@ pub struct JanitorReport {
     /// A limit was reached: run again soon.
     pub more: bool,
 }
+
+/// What another router sharing the store did, as far as this one must know
+/// (see [`StoreHealth::changes`](super::StoreHealth::changes)). Hints: a
+/// missed one is made up for by the lanes' own polling.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Events were appended elsewhere: the account's durable log now ends at `head_seq`.
+    Events {
+        /// The account.
+        account_id: u64,
+        /// Its durable head.
+        head_seq: u64,
+    },
+    /// A webhook was created, changed or deleted elsewhere.
+    Webhook {
+        /// Its account.
+        account_id: u64,
+        /// The webhook.
+        webhook_id: String,
+    },
+    /// A delivery outcome recorded elsewhere (for WatchDeliveries).
+    Outcome(std::sync::Arc<DeliveryRecord>),
+    /// This router now holds the lane: look at it at once.
+    LaneAcquired(LaneKey),
+}

@@ -292,4 +292,9 @@ impl StoreHealth for SledStore {
     fn size_on_disk(&self) -> u64 {
         SledStore::size_on_disk(self)
     }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        // One process owns the folder: nothing changes behind its back.
+        tokio::sync::broadcast::channel(1).1
+    }
 }
