@@ -25,6 +25,7 @@ mod deliveries;
 mod durable;
 mod janitor;
 mod log;
+pub mod postgres;
 mod stats;
 mod webhooks;
 
