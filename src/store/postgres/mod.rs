@@ -59,8 +59,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a call waits for a free pooled connection.
 const POOL_WAIT: Duration = Duration::from_secs(30);
 
-/// Handle to a PostgreSQL database; cheap to clone (one pool, one log
-/// writer, shared by the clones).
+/// Handle to a PostgreSQL database; cheap to clone (the clones share one
+/// pool and one set of log writers).
 #[derive(Clone)]
 pub struct PgStore {
     inner: Arc<Inner>,
@@ -70,7 +70,7 @@ struct Inner {
     pool: Pool,
     /// Seals signing secrets and Basic passwords at rest, when a key is set.
     cipher: Option<SecretCipher>,
-    /// Queue of the group-commit log writer (see `log.rs`).
+    /// Queue of the group-commit log writers (see `log.rs`).
     appends: tokio::sync::mpsc::Sender<log::AppendJob>,
     /// Counters shared with the log writer.
     stats: Arc<Stats>,
@@ -217,7 +217,7 @@ impl PgStore {
         self.inner.stats.fenced_writes.load(Ordering::Relaxed)
     }
 
-    /// Append transactions committed so far by this handle's log writer
+    /// Append transactions committed so far by this handle's log writers
     /// (each may hold several concurrent [`PgStore::append_events`] calls).
     pub fn append_commits(&self) -> u64 {
         self.inner.stats.append_commits.load(Ordering::Relaxed)
