@@ -155,6 +155,22 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // A server that vanishes (host down, partition) is noticed in
+        // about half a minute instead of the kernel's two hours, so a
+        // call fails over to Unavailable instead of hanging; a URL's own
+        // settings win.
+        if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+            config.keepalives_idle(Duration::from_secs(15));
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(Duration::from_secs(5));
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(3);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(30));
+        }
         if config.get_application_name().is_none() {
             config.application_name("webhook-router");
         }
@@ -182,10 +198,15 @@ impl PgStore {
             .build()
             .map_err(|e| Error::Startup(format!("{URL_KEY}: cannot build the pool: {e}")))?;
         let mut client = pool.get().await.map_err(|e| {
-            Error::Unavailable(format!(
+            let message = format!(
                 "{URL_KEY}: cannot connect to {target} ({masked}): {}",
                 describe_pool(&e)
-            ))
+            );
+            if is_misconfigured(&e) {
+                Error::Startup(message)
+            } else {
+                Error::Unavailable(message)
+            }
         })?;
         if let Some(schema) = schema {
             migrate::create_schema(&client, schema).await?;
@@ -387,6 +408,18 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
     text.starts_with("error connecting to server")
         || text.starts_with("error communicating with the server")
         || text.starts_with("timeout waiting for server")
+}
+
+/// Whether connecting failed because of the configuration rather than the
+/// server's state: authentication refused (SQLSTATE class 28) or no such
+/// database (3D000). Retrying will not help; the URL must change.
+fn is_misconfigured(e: &PoolError) -> bool {
+    match e {
+        PoolError::Backend(e) => e
+            .code()
+            .is_some_and(|c| c.code().starts_with("28") || *c == SqlState::INVALID_CATALOG_NAME),
+        _ => false,
+    }
 }
 
 /// A database error as the service's error. Messages carry the server's

@@ -170,6 +170,18 @@ async fn unreachable_server_is_unavailable_naming_host_port() {
 
 // ---- migrations and errors ----
 
+#[tokio::test]
+async fn a_missing_database_is_a_startup_error() {
+    let mut url = test_url();
+    // The same server, a database that does not exist.
+    let slash = url.rfind('/').expect("a URL with a database");
+    url.truncate(slash);
+    url.push_str("/no_such_db_for_webhook_router");
+    let e = PgStore::connect(&url, 1, None).await.unwrap_err();
+    assert!(matches!(e, Error::Startup(_)), "{e:?}");
+    assert!(e.to_string().contains("storage.postgres_url"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_routers_migrate_a_fresh_schema_at_once() {
     let url = test_url();
