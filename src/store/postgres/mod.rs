@@ -3,7 +3,7 @@
 //!
 //! Nothing of `tokio-postgres` or `deadpool` leaves this module: every
 //! method speaks domain types and returns [`crate::error::Result`].
-//! Database errors are mapped here (see [`map_db`]): a lost, refused or
+//! Database errors are mapped here (see `map_db`): a lost, refused or
 //! timed-out connection and an administrator's shutdown become
 //! [`Error::Unavailable`], everything else [`Error::Internal`].
 //!
@@ -130,7 +130,7 @@ impl PgStore {
             && schema
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            && !schema.as_bytes()[0].is_ascii_digit();
+            && schema.bytes().next().is_some_and(|b| !b.is_ascii_digit());
         if !valid {
             return Err(Error::Startup(format!(
                 "postgres schema {schema:?}: use lower-case letters, digits and '_' \

@@ -46,7 +46,7 @@ impl TestDb {
     async fn with_key(key: Option<&[u8; 32]>) -> TestDb {
         let url = test_url();
         let schema = random_schema();
-        let store = PgStore::connect_in_schema(&url, &schema, 6, key)
+        let store = PgStore::connect_in_schema(&url, &schema, 4, key)
             .await
             .expect("connect");
         TestDb { store, url, schema }
@@ -54,7 +54,7 @@ impl TestDb {
 
     /// Another store on the same schema (another router).
     async fn another(&self, key: Option<&[u8; 32]>) -> Result<PgStore> {
-        PgStore::connect_in_schema(&self.url, &self.schema, 6, key).await
+        PgStore::connect_in_schema(&self.url, &self.schema, 4, key).await
     }
 
     async fn done(self) {
@@ -133,6 +133,22 @@ fn mask_url_hides_passwords() {
         mask_url("host=db password = 'hun ter\\'2' dbname=hooks"),
         "host=db password = *** dbname=hooks"
     );
+}
+
+#[test]
+fn pool_timeouts_and_a_closed_pool_are_unavailable() {
+    use deadpool_postgres::TimeoutType;
+    for e in [
+        PoolError::Timeout(TimeoutType::Wait),
+        PoolError::Timeout(TimeoutType::Create),
+        PoolError::Closed,
+    ] {
+        assert!(matches!(map_pool(e), Error::Unavailable(_)));
+    }
+    assert!(matches!(
+        map_pool(PoolError::NoRuntimeSpecified),
+        Error::Internal(_)
+    ));
 }
 
 #[tokio::test]
