@@ -96,6 +96,7 @@ const ACQUIRE: &str = "UPDATE lanes AS l SET \
      FROM (SELECT webhook_id, mode FROM lanes \
            WHERE lease_owner IS NULL OR lease_until IS NULL OR lease_until < now() \
               OR lease_owner = $1 \
+           ORDER BY CASE WHEN lease_owner = $1 THEN 0 ELSE 1 END \
            LIMIT $3 FOR UPDATE SKIP LOCKED) AS c \
      WHERE l.webhook_id = c.webhook_id AND l.mode = c.mode \
      RETURNING l.account_id, l.webhook_id, l.mode, l.cursor_seq, l.state, l.next_at_ms, l.epoch";
@@ -173,10 +174,12 @@ impl PgStore {
         Ok(true)
     }
 
-    /// Leases up to `max` lanes to `owner` for `ttl`: lanes nobody holds,
-    /// whose lease expired, or that `owner` holds already (renewed, their
-    /// epoch kept). A lane changing hands gets a new epoch. Lanes another
-    /// router is leasing at this moment are skipped, not waited for.
+    /// Leases up to `max` lanes to `owner` for `ttl`: first the lanes
+    /// `owner` holds already (renewed, their epoch kept), then lanes nobody
+    /// holds or whose lease expired. A lane changing hands gets a new
+    /// epoch. Lanes another router is leasing at this moment are skipped,
+    /// not waited for. With `max` at least the number of lanes `owner`
+    /// holds, the result is every lane it holds after the call.
     /// `owner` must be unique per router process (e.g. host, pid and a
     /// random part).
     pub async fn acquire_lanes(

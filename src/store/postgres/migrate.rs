@@ -104,8 +104,9 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 const CREATE_ATTEMPTS: u32 = 5;
 
 /// Runs a `CREATE … IF NOT EXISTS` statement, retrying when a concurrent
-/// one wins the race on the catalog (PostgreSQL reports that as a unique
-/// violation or a duplicate object instead of skipping).
+/// one wins the race on the catalog: PostgreSQL then reports a unique
+/// violation (23505), a duplicate table (42P07), a duplicate type of the
+/// table's row (42710) or a duplicate schema (42P06) instead of skipping.
 async fn create_racing(client: &Object, sql: &str) -> Result<()> {
     let mut attempt = 1;
     loop {
@@ -115,6 +116,7 @@ async fn create_racing(client: &Object, sql: &str) -> Result<()> {
                 if attempt < CREATE_ATTEMPTS
                     && (has_code(&e, &SqlState::UNIQUE_VIOLATION)
                         || has_code(&e, &SqlState::DUPLICATE_TABLE)
+                        || has_code(&e, &SqlState::DUPLICATE_OBJECT)
                         || has_code(&e, &SqlState::DUPLICATE_SCHEMA)) =>
             {
                 attempt += 1;

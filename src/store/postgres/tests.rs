@@ -948,6 +948,10 @@ async fn two_owners_acquire_disjoint_lanes() {
     let kagain: HashSet<_> = again.iter().map(lane_key).collect();
     assert_eq!(kagain, ka);
     assert!(again.iter().all(|l| l.epoch == 1));
+    // A smaller max still returns held lanes, never lanes of another.
+    let some = other.acquire_lanes("router-b", 3, ttl).await.unwrap();
+    assert_eq!(some.len(), 3);
+    assert!(some.iter().all(|l| kb.contains(&lane_key(l))));
     db.done().await;
 }
 
