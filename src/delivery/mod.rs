@@ -438,10 +438,14 @@ async fn follow_changes(d: Dispatcher, mut changes: tokio::sync::broadcast::Rece
             _ = stop.wait_for(|s| *s) => return,
         };
         match change {
-            Ok(Change::Events { account_id, head_seq }) => d.events_appended(account_id, head_seq),
-            Ok(Change::Webhook { account_id, webhook_id }) => {
-                d.refresh(account_id, &webhook_id).await
-            }
+            Ok(Change::Events {
+                account_id,
+                head_seq,
+            }) => d.events_appended(account_id, head_seq),
+            Ok(Change::Webhook {
+                account_id,
+                webhook_id,
+            }) => d.refresh(account_id, &webhook_id).await,
             Ok(Change::Outcome(record)) => d.publish_outcome((*record).clone()),
             Ok(Change::LaneAcquired(key)) => d.wake(&key.webhook_id),
             // Hints only: the lanes poll on their own as well.

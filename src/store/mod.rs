@@ -19,6 +19,7 @@
 //! backend) and [`types`] (lane keys, takes, pages, reports).
 
 pub mod crypt;
+pub mod postgres;
 pub mod sled;
 pub mod types;
 
@@ -30,8 +31,8 @@ use std::sync::Arc;
 
 pub use self::sled::{DiskSync, SledStore};
 pub use types::{
-    AppendOutcome, Appended, Change, DeliveryPage, JanitorReport, LaneKey, LaneTally, Take, TakeArgs,
-    BACKLOG_SEED_LIMIT,
+    AppendOutcome, Appended, Change, DeliveryPage, JanitorReport, LaneKey, LaneTally, Take,
+    TakeArgs, BACKLOG_SEED_LIMIT,
 };
 
 use crate::config::TokenConfig;
