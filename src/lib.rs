@@ -7,12 +7,14 @@
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
 //! - [`proto`]: generated protobuf/gRPC code and the reflection descriptor set.
 //! - [`domain`]: webhooks, the event catalog, events, deliveries, ids; no I/O.
-//! - [`store`]: everything on disk (sled): webhooks, secrets, the event log, lanes, delivery log.
+//! - [`store`]: the storage interfaces (event log, config, lanes, delivery log) and their
+//!   backends: embedded sled, or PostgreSQL shared by several routers.
 //! - [`api`]: the WebhookAdmin and EventIngest services and token authentication.
 //! - [`delivery`]: lanes, the tower stack (retry, rate limit, auth, timeout), the HTTP client,
 //!   signatures and the destination guard.
 //! - [`server`]: wiring: builds the services and serves them until shutdown.
 //! - [`telemetry`]: logging setup.
+//! - [`transfer`]: moving webhooks between stores (`export` / `import`).
 //! - [`metrics`]: Prometheus metrics and the `/metrics` listener.
 
 #![forbid(unsafe_code)]
@@ -28,5 +30,6 @@ pub mod proto;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod transfer;
 
 pub use server::run;

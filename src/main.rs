@@ -35,6 +35,27 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Write every webhook of the configured store, with its secrets, to a
+    /// file (JSON lines, mode 0600), e.g. to move them to PostgreSQL. Run it
+    /// while no router uses a sled folder (it locks it).
+    Export {
+        /// TOML config file naming the store to read.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The file to write (created, or replaced).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create the webhooks of an export in the configured store, under
+    /// their ids and with their secrets; webhooks it already has are kept.
+    Import {
+        /// TOML config file naming the store to write.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The file `export` wrote.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +72,30 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Export { config, out } => tool(config, |config| async move {
+            let store = webhook_router::store::open_for_tools(&config).await?;
+            let file =
+                private_file(&out).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+            let mut writer = std::io::BufWriter::new(file);
+            let n = webhook_router::transfer::export(&store, &mut writer).await?;
+            println!("exported {n} webhooks to {}", out.display());
+            Ok(())
+        }),
+        Command::Import { config, input } => tool(config, |config| async move {
+            let store = webhook_router::store::open_for_tools(&config).await?;
+            let file = std::fs::File::open(&input)
+                .map_err(|e| format!("cannot read {}: {e}", input.display()))?;
+            let limit = config.limits.max_webhooks_per_account;
+            let r = webhook_router::transfer::import(&store, std::io::BufReader::new(file), limit)
+                .await?;
+            println!(
+                "imported {} webhooks from {}; {} were there already",
+                r.created,
+                input.display(),
+                r.existing
+            );
+            Ok(())
+        }),
         Command::Serve { config } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
@@ -72,6 +117,66 @@ fn main() -> ExitCode {
             runtime.block_on(serve(config))
         }
     }
+}
+
+/// Runs a one-shot command `f` on the loaded config: exit 0, 1 on failure
+/// (the message printed), 2 for a bad config.
+fn tool<F, Fut>(config: Option<PathBuf>, f: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ToolError>>,
+{
+    let config = match Config::load(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.0);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A one-shot command's failure, in words.
+struct ToolError(String);
+
+impl From<webhook_router::error::Error> for ToolError {
+    fn from(e: webhook_router::error::Error) -> Self {
+        ToolError(e.to_string())
+    }
+}
+
+impl From<String> for ToolError {
+    fn from(e: String) -> Self {
+        ToolError(e)
+    }
+}
+
+/// Creates (or truncates) `path` readable by its owner only.
+fn private_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -34,3 +34,4 @@ mod shutdown;
 mod storage;
 mod streams;
 mod tls;
+mod transfer;

@@ -275,6 +275,16 @@ pub async fn open(backend: &Backend, secret_key: Option<[u8; 32]>) -> Result<Sto
     }
 }
 
+/// Opens the configured store for a one-shot command (`export`, `import`):
+/// like [`open`], without taking part in the work of a cluster (no leases,
+/// no chores).
+pub async fn open_for_tools(config: &crate::config::Config) -> Result<Store> {
+    let key = config.storage.secret_key_bytes();
+    match config.storage_backend() {
+        Backend::Sled { dir } => Ok(Store::Sled(SledStore::open_with_retry(&dir, key).await?)),
+    }
+}
+
 impl Store {
     /// Opens an embedded store in `dir` (tests and tools).
     pub fn open_sled(dir: &Path) -> Result<Store> {

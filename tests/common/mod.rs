@@ -537,4 +537,5 @@ pub async fn scrape_until(addr: SocketAddr, pred: impl Fn(&[Sample]) -> bool) ->
 
 pub mod load;
 pub mod lossyfs;
+pub mod pg;
 pub mod process;

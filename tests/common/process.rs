@@ -57,6 +57,24 @@ role = "ingest"
     path
 }
 
+/// Like [`write_router_config`] for a router of a cluster: its state in
+/// the PostgreSQL database at `postgres_url`, leases of `lease_ttl_ms`.
+pub fn write_cluster_config(
+    dir: &Path,
+    postgres_url: &str,
+    lease_ttl_ms: u64,
+    extra_delivery: &str,
+) -> PathBuf {
+    let path = write_router_config(dir, 2_000, extra_delivery);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "\n[storage]\nbackend = \"postgres\"\npostgres_url = \"{postgres_url}\"\n\
+         postgres_pool_size = 8\nlease_ttl_ms = {lease_ttl_ms}\n"
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// The binary running as a child; killed on drop.
 pub struct RouterProcess {
     pub child: Child,

@@ -1,0 +1,145 @@
+//! `webhook-router export` and `import` with the real binary: webhooks of a
+//! sled folder (signature, Basic and no auth) move to another store with
+//! their ids, settings and secrets; the export file is private (0600); a
+//! second import changes nothing.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::process::{write_router_config, RouterProcess};
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_webhook-router");
+
+/// Runs the binary with `args`; returns its stdout, panicking on failure.
+fn run(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run webhook-router");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Three webhooks on account 1010 of a fresh sled router; returns (webhooks, secret).
+async fn source_router(dir: &Path) -> (Vec<Webhook>, String) {
+    let config = write_router_config(dir, 2_000, "");
+    let mut router = RouterProcess::start(&config);
+    let mut admin = router.admin().await;
+    let url = "http://127.0.0.1:9/hook";
+    let basic = webhook_auth::Method::Basic(BasicAuth {
+        username: "crm".into(),
+        password: "pa55 word".into(),
+    });
+    let mut made = Vec::new();
+    for (name, auth) in [
+        ("signed", signature_auth()),
+        ("basic", basic),
+        ("plain", no_auth()),
+    ] {
+        made.push(
+            create(
+                &mut admin,
+                1010,
+                webhook(name, url, &["COURSE_ENROLLMENT"], auth),
+            )
+            .await,
+        );
+    }
+    let secret = admin
+        .get_webhook_secret(GetWebhookSecretRequest {
+            account_id: 1010,
+            webhook_id: made[0].id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+        .expect("a secret")
+        .secret;
+    router.signal("-TERM");
+    assert!(router.wait_exit(Duration::from_secs(15)).success());
+    (made, secret)
+}
+
+/// The target has the same webhooks and the same signing secret.
+async fn assert_moved(target: &RouterProcess, made: &[Webhook], secret: &str) {
+    let mut admin = target.admin().await;
+    for w in made {
+        let got = admin
+            .get_webhook(GetWebhookRequest {
+                account_id: 1010,
+                webhook_id: w.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .webhook
+            .unwrap();
+        assert_eq!(&got, w, "webhook {} after the move", w.name);
+    }
+    let moved = admin
+        .get_webhook_secret(GetWebhookSecretRequest {
+            account_id: 1010,
+            webhook_id: made[0].id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+        .expect("a secret")
+        .secret;
+    assert_eq!(moved, secret, "the signing secret moved with its webhook");
+}
+
+/// Exports `source` (a config) to a file in `dir`; checks its mode.
+fn export(source: &Path, dir: &Path) -> std::path::PathBuf {
+    let file = dir.join("webhooks.jsonl");
+    let out = run(&[
+        "export",
+        "--config",
+        source.to_str().unwrap(),
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.contains("exported 3 webhooks"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the export holds secrets: owner only");
+    file
+}
+
+#[tokio::test]
+async fn webhooks_move_from_one_sled_folder_to_another() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (made, secret) = source_router(a.path()).await;
+    let file = export(&a.path().join("config.toml"), b.path());
+    let target = write_router_config(b.path(), 2_000, "");
+    let imported = run(&[
+        "import",
+        "--config",
+        target.to_str().unwrap(),
+        "--in",
+        file.to_str().unwrap(),
+    ]);
+    assert!(imported.contains("imported 3 webhooks"), "{imported}");
+    let again = run(&[
+        "import",
+        "--config",
+        target.to_str().unwrap(),
+        "--in",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        again.contains("imported 0 webhooks") && again.contains("3 were there already"),
+        "{again}"
+    );
+    let router = RouterProcess::start(&target);
+    assert_moved(&router, &made, &secret).await;
+}
