@@ -1,16 +1,26 @@
 //! The delivery log: one `deliveries` row per [`DeliveryRecord`] (its serde
-//! JSON in `body`), keyed by webhook and delivery id. Delivery ids are
-//! time-ordered and compared bytewise (`COLLATE "C"`), so id order is
-//! creation order, as in the sled store.
+//! JSON in `body`, its events in `payload` when it keeps them), keyed by
+//! webhook and delivery id. Delivery ids are time-ordered and compared
+//! bytewise (`COLLATE "C"`), so id order is creation order, as in the sled
+//! store. Requeued deliveries (RedeliverEvents) are copies under new ids,
+//! with their events, named in `requeued` until their lane takes them.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
+use super::engine::encode_payload;
+use super::webhooks::lane_mode_code;
 use super::{map_db, PgStore};
-use crate::domain::delivery::{DeliveryRecord, DeliveryState};
-use crate::error::Result;
+use crate::domain::delivery::{DeliveryRecord, DeliveryState, ModeTag};
+use crate::domain::event::StoredEvent;
+use crate::error::{Error, Result};
+use crate::store::types::DeliveryPage;
+
+/// Requeued copies written per transaction.
+const REQUEUE_CHUNK: usize = 1000;
 
 /// `deliveries.state` of a state.
-fn state_code(s: DeliveryState) -> i16 {
+pub(super) fn state_code(s: DeliveryState) -> i16 {
     match s {
         DeliveryState::Pending => 0,
         DeliveryState::Retrying => 1,
@@ -61,18 +71,20 @@ impl PgStore {
             .prepare_cached(
                 "WITH live AS (SELECT webhook_id FROM webhooks \
                                WHERE webhook_id = ANY($1) FOR SHARE) \
-                 INSERT INTO deliveries (webhook_id, delivery_id, finish_ms, state, body) \
-                 SELECT u.w, u.i, u.f, u.s, u.b \
+                 INSERT INTO deliveries (webhook_id, delivery_id, finish_ms, state, body, \
+                                         writer, change_seq) \
+                 SELECT u.w, u.i, u.f, u.s, u.b, $6, nextval('delivery_changes') \
                  FROM unnest($1::text[], $2::text[], $3::bigint[], $4::smallint[], $5::bytea[]) \
                       AS u(w, i, f, s, b) \
                  WHERE u.w IN (SELECT webhook_id FROM live) \
                  ON CONFLICT (webhook_id, delivery_id) DO UPDATE SET \
-                   finish_ms = excluded.finish_ms, state = excluded.state, body = excluded.body",
+                   finish_ms = excluded.finish_ms, state = excluded.state, body = excluded.body, \
+                   writer = excluded.writer, change_seq = excluded.change_seq",
             )
             .await
             .map_err(map_db)?;
         client
-            .execute(&stmt, &[&cw, &ci, &cf, &cs, &cb])
+            .execute(&stmt, &[&cw, &ci, &cf, &cs, &cb, &self.inner.owner])
             .await
             .map_err(map_db)
     }
@@ -144,5 +156,255 @@ impl PgStore {
             .execute(&stmt, &[&before_ms, &limit])
             .await
             .map_err(map_db)
+    }
+}
+
+impl PgStore {
+    /// [`crate::store::DeliveryLog::list_deliveries`].
+    pub(super) async fn list_deliveries_page(
+        &self,
+        webhook_id: &str,
+        state: Option<DeliveryState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<DeliveryPage> {
+        let (deliveries, next_after) = self
+            .list_deliveries(webhook_id, state, after, limit)
+            .await?;
+        Ok(DeliveryPage {
+            deliveries,
+            next_after,
+        })
+    }
+
+    /// [`crate::store::DeliveryLog::redeliver`], as the sled store does it:
+    /// queues copies of the named deliveries (any state), or with `ids`
+    /// None of every DEAD delivery no such call requeued yet (each at most
+    /// once), on their lanes; the copies keep their events with them. All
+    /// or none for named deliveries: one that is unknown, or whose events
+    /// are no longer stored, fails the call before anything is queued.
+    /// Durable on return (each chunk of [`REQUEUE_CHUNK`] commits before
+    /// `progress(done, total)` is called). The lanes take requeued
+    /// deliveries before new events; lanes held by other routers hear of
+    /// them through those routers' pollers.
+    pub(super) async fn redeliver_impl<P>(
+        &self,
+        webhook_id: &str,
+        ids: Option<Vec<String>>,
+        now_ms: i64,
+        mut progress: P,
+    ) -> Result<usize>
+    where
+        P: FnMut(usize, usize) + Send + 'static,
+    {
+        match ids {
+            Some(ids) => {
+                let mut originals = Vec::with_capacity(ids.len());
+                for id in &ids {
+                    let (r, payload) = self
+                        .delivery_with_payload(webhook_id, id)
+                        .await?
+                        .ok_or_else(|| Error::NotFound(format!("delivery {id}")))?;
+                    let events = self.events_of(&r, payload).await?;
+                    if events.len() < r.seqs.len() || events.is_empty() {
+                        return Err(Error::FailedPrecondition(format!(
+                            "delivery {id}: its events are no longer stored (older than \
+                             delivery.retention_ms, or expired)"
+                        )));
+                    }
+                    originals.push((r, events));
+                }
+                let total = originals.len();
+                let mut done = 0;
+                for chunk in originals.chunks(REQUEUE_CHUNK) {
+                    self.requeue_chunk(webhook_id, chunk, false, now_ms).await?;
+                    done += chunk.len();
+                    progress(done, total);
+                }
+                Ok(total)
+            }
+            None => {
+                let client = self.client().await?;
+                let total: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM deliveries \
+                         WHERE webhook_id = $1 AND state = $2 AND NOT redelivered",
+                        &[&webhook_id, &state_code(DeliveryState::Dead)],
+                    )
+                    .await
+                    .map_err(map_db)?
+                    .get(0);
+                drop(client);
+                let total = total.max(0) as usize;
+                let mut done = 0;
+                let mut after = String::new();
+                loop {
+                    let client = self.client().await?;
+                    let rows = client
+                        .query(
+                            "SELECT delivery_id, body, payload FROM deliveries \
+                             WHERE webhook_id = $1 AND state = $2 AND NOT redelivered \
+                               AND delivery_id > $3 \
+                             ORDER BY delivery_id LIMIT $4",
+                            &[
+                                &webhook_id,
+                                &state_code(DeliveryState::Dead),
+                                &after,
+                                &(REQUEUE_CHUNK as i64),
+                            ],
+                        )
+                        .await
+                        .map_err(map_db)?;
+                    drop(client);
+                    let Some(last) = rows.last() else { break };
+                    after = last.get(0);
+                    let mut chunk = Vec::with_capacity(rows.len());
+                    let mut empty = Vec::new();
+                    for row in &rows {
+                        let r: DeliveryRecord = serde_json::from_slice(row.get(1))?;
+                        let events = self.events_of(&r, row.get(2)).await?;
+                        if r.redelivered || events.is_empty() {
+                            // Nothing to send again: not looked at again.
+                            empty.push(r.id);
+                            continue;
+                        }
+                        chunk.push((r, events));
+                    }
+                    if !empty.is_empty() {
+                        let client = self.client().await?;
+                        client
+                            .execute(
+                                "UPDATE deliveries SET redelivered = true \
+                                 WHERE webhook_id = $1 AND delivery_id = ANY($2)",
+                                &[&webhook_id, &empty],
+                            )
+                            .await
+                            .map_err(map_db)?;
+                    }
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    self.requeue_chunk(webhook_id, &chunk, true, now_ms).await?;
+                    done += chunk.len();
+                    progress(done, total.max(done));
+                }
+                Ok(done)
+            }
+        }
+    }
+
+    /// One transaction of a redelivery: the copies (with their events),
+    /// their `requeued` rows, and with `bulk` the originals marked
+    /// requeued. Under the webhook's lanes' locks, so their tallies count
+    /// each copy exactly once.
+    async fn requeue_chunk(
+        &self,
+        webhook_id: &str,
+        chunk: &[(DeliveryRecord, Vec<StoredEvent>)],
+        bulk: bool,
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut copies = Vec::with_capacity(chunk.len());
+        for (original, events) in chunk {
+            let mut copy = DeliveryRecord::new(
+                original.account_id,
+                webhook_id,
+                original.mode,
+                original
+                    .seqs
+                    .iter()
+                    .copied()
+                    .zip(original.event_ids.iter().cloned()),
+                now_ms,
+            );
+            copy.redelivery = true;
+            copy.events_kept = true;
+            copies.push((copy, encode_payload(events)));
+        }
+        let mut ci = Vec::with_capacity(copies.len());
+        let mut cm = Vec::with_capacity(copies.len());
+        let mut cs = Vec::with_capacity(copies.len());
+        let mut cb = Vec::with_capacity(copies.len());
+        let mut cp: Vec<&[u8]> = Vec::with_capacity(copies.len());
+        for (c, p) in &copies {
+            ci.push(c.id.as_str());
+            cm.push(lane_mode_code(c.mode));
+            cs.push(state_code(c.state));
+            cb.push(serde_json::to_vec(c)?);
+            cp.push(p.as_slice());
+        }
+        let mut oi = Vec::new();
+        let mut ob = Vec::new();
+        if bulk {
+            for (o, _) in chunk {
+                let mut o = o.clone();
+                o.redelivered = true;
+                oi.push(o.id.clone());
+                ob.push(serde_json::to_vec(&o)?);
+            }
+        }
+        // The lanes' locks first (in lock order), then a connection.
+        let handles: Vec<_> = [ModeTag::Realtime, ModeTag::Batch]
+            .into_iter()
+            .filter_map(|m| self.inner.lanes.get(webhook_id, m))
+            .collect();
+        let mut guards = Vec::with_capacity(handles.len());
+        for h in &handles {
+            guards.push(h.slot_lock().await);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_db)?;
+        // A delete waits for this transaction, or has removed the webhook.
+        let live = tx
+            .query_opt(
+                "SELECT 1 FROM webhooks WHERE webhook_id = $1 FOR SHARE",
+                &[&webhook_id],
+            )
+            .await
+            .map_err(map_db)?
+            .is_some();
+        if !live {
+            return Err(Error::NotFound(format!("webhook {webhook_id}")));
+        }
+        tx.execute(
+            "INSERT INTO deliveries (webhook_id, delivery_id, finish_ms, state, body, payload, \
+                                     writer, change_seq) \
+             SELECT $1, u.i, NULL, u.s, u.b, u.p, $2, nextval('delivery_changes') \
+             FROM unnest($3::text[], $4::smallint[], $5::bytea[], $6::bytea[]) AS u(i, s, b, p) \
+             ON CONFLICT (webhook_id, delivery_id) DO NOTHING",
+            &[&webhook_id, &self.inner.owner, &ci, &cs, &cb, &cp],
+        )
+        .await
+        .map_err(map_db)?;
+        tx.execute(
+            "INSERT INTO requeued (webhook_id, mode, delivery_id, writer, change_seq) \
+             SELECT $1, u.m, u.i, $2, nextval('delivery_changes') \
+             FROM unnest($3::text[], $4::smallint[]) AS u(i, m) \
+             ON CONFLICT DO NOTHING",
+            &[&webhook_id, &self.inner.owner, &ci, &cm],
+        )
+        .await
+        .map_err(map_db)?;
+        if bulk {
+            // Not a lane's outcome: the feed does not pass it on.
+            tx.execute(
+                "UPDATE deliveries AS d SET redelivered = true, body = u.b, outcome = false \
+                 FROM unnest($2::text[], $3::bytea[]) AS u(i, b) \
+                 WHERE d.webhook_id = $1 AND d.delivery_id = u.i",
+                &[&webhook_id, &oi, &ob],
+            )
+            .await
+            .map_err(map_db)?;
+        }
+        tx.commit().await.map_err(map_db)?;
+        for h in &handles {
+            let n = copies.iter().filter(|(c, _)| c.mode == h.key.mode).count();
+            if n > 0 && h.epoch() != 0 && h.tally.seeded() {
+                h.tally.requeued.fetch_add(n as i64, Ordering::AcqRel);
+            }
+            h.requeue_check.store(true, Ordering::Release);
+        }
+        drop(guards);
+        Ok(())
     }
 }

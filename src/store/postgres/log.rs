@@ -189,7 +189,8 @@ const INSERT_EVENTS: &str =
      SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
      $5::smallint[], $6::bigint[], $7::bytea[])";
 
-const UPDATE_HEADS: &str = "UPDATE accounts AS a SET head_seq = u.h \
+const UPDATE_HEADS: &str = "UPDATE accounts AS a SET head_seq = u.h, \
+       change_seq = nextval('account_changes') \
      FROM unnest($1::bigint[], $2::bigint[]) AS u(a, h) WHERE a.account_id = u.a";
 
 /// One transaction for every call of `round`: the placement of each call's
@@ -352,9 +353,11 @@ impl PgStore {
             })
             .await
             .map_err(|_| Error::Internal("postgres: the log writer stopped".into()))?;
-        answer
+        let appended = answer
             .await
-            .map_err(|_| Error::Internal("postgres: the log writer stopped".into()))?
+            .map_err(|_| Error::Internal("postgres: the log writer stopped".into()))??;
+        self.note_head(account_id, appended.last_seq);
+        Ok(appended)
     }
 
     /// Up to `limit` events of `account_id` after `after_seq`, oldest first.
@@ -415,6 +418,23 @@ impl PgStore {
         // The head first: every event up to it is visible to the next
         // statement (read committed takes a new snapshot per statement).
         let head = self.head_seq(account_id).await?;
+        self.read_for_lane_at(account_id, head, after_seq, until_seq, filter, limit, scan_limit)
+            .await
+    }
+
+    /// [`PgStore::read_for_lane`] given a head known to be committed (read
+    /// from `accounts`, or the cache of [`PgStore::known_head`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn read_for_lane_at(
+        &self,
+        account_id: u64,
+        head: u64,
+        after_seq: u64,
+        until_seq: u64,
+        filter: &LaneFilter,
+        limit: usize,
+        scan_limit: usize,
+    ) -> Result<LaneRead> {
         let end = until_seq.min(head);
         if end <= after_seq || limit == 0 || scan_limit == 0 {
             return Ok(LaneRead {
@@ -424,14 +444,7 @@ impl PgStore {
             });
         }
         let window = end.min(after_seq.saturating_add(scan_limit as u64));
-        let mut with_mode = Vec::new();
-        let mut without_mode = Vec::new();
-        for t in &filter.types {
-            with_mode.push(t.as_str());
-            if filter.accepts(t, None) {
-                without_mode.push(t.as_str());
-            }
-        }
+        let (with_mode, without_mode) = filter_types(filter);
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -475,5 +488,131 @@ impl PgStore {
             scanned_to: window,
             capped: window < end,
         })
+    }
+}
+
+/// The event names a lane takes: those it takes in its mode, and those it
+/// takes from events stored without a mode (the catalog decides).
+fn filter_types(filter: &LaneFilter) -> (Vec<&str>, Vec<&str>) {
+    let mut with_mode = Vec::new();
+    let mut without_mode = Vec::new();
+    for t in &filter.types {
+        with_mode.push(t.as_str());
+        if filter.accepts(t, None) {
+            without_mode.push(t.as_str());
+        }
+    }
+    (with_mode, without_mode)
+}
+
+impl PgStore {
+    /// Counts the events of `account_id` after `after_seq` up to `until_seq`
+    /// that `filter` accepts, examining at most `scan_limit` positions; true
+    /// when it stopped there (the sled store's `count_for_lane`).
+    pub(super) async fn count_for_lane(
+        &self,
+        account_id: u64,
+        after_seq: u64,
+        until_seq: u64,
+        filter: &LaneFilter,
+        scan_limit: usize,
+    ) -> Result<(u64, bool)> {
+        if until_seq <= after_seq {
+            return Ok((0, false));
+        }
+        let window = until_seq.min(after_seq.saturating_add(scan_limit as u64));
+        let (with_mode, without_mode) = filter_types(filter);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT count(*) FROM events \
+                 WHERE account_id = $1 AND seq > $2 AND seq <= $3 \
+                 AND ((mode = $4 AND event_name = ANY($5)) \
+                      OR (mode IS NULL AND event_name = ANY($6)))",
+            )
+            .await
+            .map_err(map_db)?;
+        let n: i64 = client
+            .query_one(
+                &stmt,
+                &[
+                    &to_i64(account_id),
+                    &to_i64(after_seq),
+                    &to_i64(window),
+                    &mode_code(filter.mode),
+                    &with_mode,
+                    &without_mode,
+                ],
+            )
+            .await
+            .map_err(map_db)?
+            .get(0);
+        Ok((n.max(0) as u64, window < until_seq))
+    }
+
+    /// The events of `account_id` at `seqs` (those still stored), in log order.
+    pub(super) async fn events_at(&self, account_id: u64, seqs: &[u64]) -> Result<Vec<StoredEvent>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seqs: Vec<i64> = seqs.iter().map(|s| to_i64(*s)).collect();
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT seq, event_id, event_name, mode, ingest_ms, json FROM events \
+                 WHERE account_id = $1 AND seq = ANY($2) ORDER BY seq",
+            )
+            .await
+            .map_err(map_db)?;
+        client
+            .query(&stmt, &[&to_i64(account_id), &seqs])
+            .await
+            .map_err(map_db)?
+            .iter()
+            .map(stored_event)
+            .collect()
+    }
+
+    /// Ingest time of the first event after `cursor` that `filter` accepts
+    /// within `scan_limit` positions, or else of the first event after
+    /// `cursor` (one at least as old); None when there is none.
+    pub(super) async fn next_ingest_ms(
+        &self,
+        account_id: u64,
+        cursor: u64,
+        filter: &LaneFilter,
+        scan_limit: usize,
+    ) -> Result<Option<i64>> {
+        let (with_mode, without_mode) = filter_types(filter);
+        let window = cursor.saturating_add(scan_limit as u64);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT COALESCE( \
+                   (SELECT ingest_ms FROM events \
+                    WHERE account_id = $1 AND seq > $2 AND seq <= $3 \
+                    AND ((mode = $4 AND event_name = ANY($5)) \
+                         OR (mode IS NULL AND event_name = ANY($6))) \
+                    ORDER BY seq LIMIT 1), \
+                   (SELECT ingest_ms FROM events WHERE account_id = $1 AND seq > $2 \
+                    ORDER BY seq LIMIT 1))",
+            )
+            .await
+            .map_err(map_db)?;
+        Ok(client
+            .query_one(
+                &stmt,
+                &[
+                    &to_i64(account_id),
+                    &to_i64(cursor),
+                    &to_i64(window),
+                    &mode_code(filter.mode),
+                    &with_mode,
+                    &without_mode,
+                ],
+            )
+            .await
+            .map_err(map_db)?
+            .get(0))
     }
 }

@@ -12,10 +12,10 @@ use super::{has_code, map_db};
 use crate::error::{Error, Result};
 
 /// The newest schema version this build writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Every migration, oldest first: (version, SQL).
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 /// Version 1: the log, configuration, lanes with leases, delivery records,
 /// tombstones and chore leases. Ids are `COLLATE "C"` so their order is byte
@@ -94,6 +94,77 @@ CREATE TABLE jobs (
     lease_until timestamptz NULL,
     epoch bigint NOT NULL DEFAULT 0
 );
+"#;
+
+/// Version 2: what several routers sharing the database need.
+/// - Change sequences (`account_changes`, `webhook_changes`,
+///   `delivery_changes`): every row a router must hear about from another
+///   (an account's head, a webhook created, changed or deleted, a delivery
+///   record or a requeued delivery) takes a new value from its table's
+///   sequence when written, so a poller reads what changed since its last
+///   poll through an index (see `feed.rs`). `writer` names the router that
+///   wrote the row, so a router skips its own.
+/// - `accounts.trimmed_seq`: the log of the account is stored after it
+///   (the janitor trims a prefix), so `head_seq - trimmed_seq` is the
+///   number of events stored.
+/// - `deliveries.payload`: the events of a delivery that keeps them (from
+///   its first failed attempt on, dead letters, requeued copies), in the
+///   record's row; `redelivered` (a dead one requeued by a bulk
+///   RedeliverEvents) and `outcome` (the write is a lane's outcome, for
+///   WatchDeliveries on other routers) as columns.
+/// - `requeued`: deliveries waiting to be sent again, per lane.
+/// - `routers`: a heartbeat per live router; lanes are shared among the
+///   live ones.
+/// - Any webhook without its two lanes gets them, at its account's head.
+const V2: &str = r#"
+CREATE SEQUENCE account_changes;
+CREATE SEQUENCE webhook_changes;
+CREATE SEQUENCE delivery_changes;
+
+ALTER TABLE accounts ADD COLUMN change_seq bigint NOT NULL DEFAULT 0;
+ALTER TABLE accounts ADD COLUMN trimmed_seq bigint NOT NULL DEFAULT 0;
+CREATE INDEX accounts_by_change ON accounts (change_seq);
+
+ALTER TABLE webhooks ADD COLUMN change_seq bigint NOT NULL DEFAULT 0;
+ALTER TABLE webhooks ADD COLUMN writer text NULL;
+CREATE INDEX webhooks_by_change ON webhooks (change_seq);
+
+ALTER TABLE deleted_webhooks ADD COLUMN account_id bigint NULL;
+ALTER TABLE deleted_webhooks ADD COLUMN change_seq bigint NOT NULL DEFAULT 0;
+ALTER TABLE deleted_webhooks ADD COLUMN writer text NULL;
+ALTER TABLE deleted_webhooks ADD COLUMN cleaned boolean NOT NULL DEFAULT false;
+CREATE INDEX deleted_webhooks_by_change ON deleted_webhooks (change_seq);
+
+ALTER TABLE deliveries ADD COLUMN payload bytea NULL;
+ALTER TABLE deliveries ADD COLUMN redelivered boolean NOT NULL DEFAULT false;
+ALTER TABLE deliveries ADD COLUMN outcome boolean NOT NULL DEFAULT false;
+ALTER TABLE deliveries ADD COLUMN writer text NULL;
+ALTER TABLE deliveries ADD COLUMN change_seq bigint NOT NULL DEFAULT 0;
+CREATE INDEX deliveries_by_change ON deliveries (change_seq);
+DROP INDEX deliveries_by_finish;
+CREATE INDEX deliveries_by_finish ON deliveries (state, finish_ms) WHERE finish_ms IS NOT NULL;
+
+CREATE TABLE requeued (
+    webhook_id text COLLATE "C" NOT NULL,
+    mode smallint NOT NULL,
+    delivery_id text COLLATE "C" NOT NULL,
+    writer text NULL,
+    change_seq bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (webhook_id, mode, delivery_id)
+);
+CREATE INDEX requeued_by_change ON requeued (change_seq);
+
+CREATE TABLE routers (
+    owner text PRIMARY KEY,
+    alive_until timestamptz NOT NULL
+);
+
+INSERT INTO lanes (account_id, webhook_id, mode, cursor_seq)
+SELECT w.account_id, w.webhook_id, m.mode, COALESCE(a.head_seq, 0)
+FROM webhooks w
+CROSS JOIN (VALUES (1::smallint), (2::smallint)) AS m(mode)
+LEFT JOIN accounts a ON a.account_id = w.account_id
+ON CONFLICT (webhook_id, mode) DO NOTHING;
 "#;
 
 const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\

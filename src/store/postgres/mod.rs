@@ -1,5 +1,5 @@
 //! PostgreSQL backend: the same data as the sled store, kept in tables that
-//! several routers can share.
+//! several routers share, each router delivering the lanes it leases.
 //!
 //! Nothing of `tokio-postgres` or `deadpool` leaves this module: every
 //! method speaks domain types and returns [`crate::error::Result`].
@@ -8,28 +8,52 @@
 //! [`Error::Unavailable`], everything else [`Error::Internal`].
 //!
 //! Tables (see `migrate.rs` for the DDL):
-//! - `accounts(account_id, head_seq)`: one row per account; its row lock
-//!   orders appends, so sequence numbers are gap-free and in commit order.
+//! - `accounts(account_id, head_seq, trimmed_seq)`: one row per account;
+//!   its row lock orders appends, so sequence numbers are gap-free and in
+//!   commit order; the log holds `trimmed_seq < seq <= head_seq`.
 //! - `events`: the log, `(account_id, seq)` and `(account_id, event_id)`
 //!   unique.
 //! - `webhooks`, `secrets`: configuration, sealed as the sled store seals it
 //!   (same [`SecretCipher`], same `wrenc1:` values).
 //! - `meta`: bootstrap tokens and the id of the secret key.
-//! - `lanes`: one row per webhook × mode: cursor, opaque engine state, and a
-//!   lease (`lease_owner`, `lease_until`, `epoch`) fencing stale writers.
-//! - `deliveries`: delivery records; `deleted_webhooks`: tombstones;
-//!   `jobs`: leases of cluster-wide chores.
+//! - `lanes`: one row per webhook × mode: the cursor, the recorded
+//!   deliveries it resumes (`state`), and a lease (`lease_owner`,
+//!   `lease_until`, `epoch`) fencing stale writers.
+//! - `deliveries`: delivery records, with their events when kept;
+//!   `requeued`: deliveries waiting to be sent again; `deleted_webhooks`:
+//!   tombstones; `jobs`: leases of cluster-wide chores; `routers`: a
+//!   heartbeat per live router.
+//!
+//! A [`PgStore`] is one router: it has an `owner` name (host, pid and a
+//! random part) and runs three background tasks, which end when the last
+//! clone of the store is dropped or [`PgStore::shutdown`] is called:
+//! - the lease task (`lease.rs`): renews this router's lanes every
+//!   `lease_ttl / 3` and takes up to a fair share of the others;
+//! - the poller (`feed.rs`): what other routers wrote (events, webhooks,
+//!   delivery outcomes, requeued deliveries), as [`Change`]s, and the
+//!   cached figures (heads, stored events, size);
+//! - the recovery probe: while the store is failed (see
+//!   [`PgStore::failure`]), checks every second whether the database
+//!   answers again.
+//!
+//! Lanes (`engine.rs`) follow the sled store's model; every lane write is
+//! fenced by the lane's lease epoch (see `lanes.rs`).
 //!
 //! The SQL sticks to what CockroachDB and YugabyteDB also run: plain DDL,
-//! `INSERT … ON CONFLICT`, `UPDATE … RETURNING`, `FOR UPDATE SKIP LOCKED`
-//! and `unnest` arrays; no LISTEN/NOTIFY, advisory locks or PL/pgSQL.
-//! Integers the domain keeps as `u64` (account ids, sequence numbers,
-//! epochs) are stored as `bigint` by reinterpreting their bits, so every
-//! value round-trips; only account ids above `i64::MAX` would sort
-//! differently in SQL than in Rust, which nothing relies on.
+//! sequences, `INSERT … ON CONFLICT`, `UPDATE … RETURNING` (also in `WITH`),
+//! `FOR UPDATE SKIP LOCKED` and `unnest` arrays; no LISTEN/NOTIFY, advisory
+//! locks or PL/pgSQL. Integers the domain keeps as `u64` (account ids,
+//! sequence numbers, epochs) are stored as `bigint` by reinterpreting their
+//! bits, so every value round-trips; only account ids above `i64::MAX`
+//! would sort differently in SQL than in Rust, which nothing relies on.
 
+mod api;
 mod deliveries;
+mod engine;
+mod feed;
+mod janitor;
 mod lanes;
+mod lease;
 mod log;
 mod migrate;
 mod webhooks;
@@ -37,15 +61,18 @@ mod webhooks;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio::sync::{broadcast, watch, Notify};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 use super::crypt::SecretCipher;
+use super::types::Change;
 use crate::error::{Error, Result};
 
 pub use lanes::{LaneWrite, Lease, LeaseRef};
@@ -58,9 +85,17 @@ const URL_KEY: &str = "storage.postgres_url";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a call waits for a free pooled connection.
 const POOL_WAIT: Duration = Duration::from_secs(30);
+/// The default `storage.lease_ttl_ms`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Start of the message of a call that found no free pooled connection in
+/// time: the database answers, the pool is too small for the load, so the
+/// store is not failed for it.
+const POOL_BUSY: &str = "postgres: no free pooled connection";
+/// Changes buffered for a slow follower of [`PgStore::changes`].
+const CHANGE_BUFFER: usize = 4096;
 
-/// Handle to a PostgreSQL database; cheap to clone (the clones share one
-/// pool and one set of log writers).
+/// Handle to a PostgreSQL database as one router; cheap to clone (the
+/// clones share one pool, one set of log writers and one router identity).
 #[derive(Clone)]
 pub struct PgStore {
     inner: Arc<Inner>,
@@ -74,6 +109,36 @@ struct Inner {
     appends: tokio::sync::mpsc::Sender<log::AppendJob>,
     /// Counters shared with the log writer.
     stats: Arc<Stats>,
+    /// This router's name in leases and `writer` columns.
+    owner: String,
+    /// How long a lease lasts without renewal.
+    lease_ttl: Duration,
+    /// The lanes this router knows, held or not (see `engine.rs`).
+    lanes: engine::Registry,
+    /// Durable head of each account's log, as far as known.
+    heads: Mutex<HashMap<u64, u64>>,
+    /// Deleted webhooks (tombstones).
+    deleted: Mutex<HashSet<String>>,
+    /// Per account, the sequence number through which appended events are
+    /// counted in the lanes' tallies (see `feed.rs`).
+    counted: Mutex<HashMap<u64, u64>>,
+    /// Events stored, all accounts (refreshed by the poller).
+    stored_events: AtomicU64,
+    /// `pg_database_size` (refreshed by the poller).
+    size_on_disk: AtomicU64,
+    /// Why the store is failed, if it is.
+    failure: watch::Sender<Option<String>>,
+    /// What other routers did, and lanes this one acquired.
+    changes: broadcast::Sender<Change>,
+    /// Until when (this machine's clock) the leases renewed last are safe
+    /// to work on: the start of that renewal plus the TTL.
+    leases_valid_until: Mutex<Option<tokio::time::Instant>>,
+    /// Runs a lease round soon (new lanes).
+    wake_leases: Arc<Notify>,
+    /// True: the background tasks stop.
+    stop: watch::Sender<bool>,
+    /// Tests: the lease task skips its rounds (a paused router).
+    leases_paused: AtomicBool,
 }
 
 /// Counters of the store, for tests and metrics.
@@ -88,10 +153,26 @@ struct Stats {
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
+            .field("owner", &self.inner.owner)
             .field("pool", &self.inner.pool.status())
             .field("stats", &self.inner.stats)
             .finish_non_exhaustive()
     }
+}
+
+/// A router name unique per store handle: host, process id, random part.
+fn new_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "router".to_string());
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 impl PgStore {
@@ -99,9 +180,15 @@ impl PgStore {
     /// `postgres://` URL or a `key=value` string) with a pool of at most
     /// `pool_size` connections (at least 1), applies the migrations this
     /// build knows, and checks `secret_key` against the key the stored
-    /// secrets are sealed with (as [`crate::store::Store::open_with_key`]
-    /// does for a data folder; on the first start with a key, every plain
+    /// secrets are sealed with (as the sled store
+    /// does for its data folder; on the first start with a key, every plain
     /// secret and password is sealed).
+    ///
+    /// The store is one router among those sharing the database: it gets a
+    /// new owner name ([`PgStore::owner`]), leases its share of the lanes
+    /// for `lease_ttl` (`storage.lease_ttl_ms`; see [`DEFAULT_LEASE_TTL`])
+    /// before returning, and starts its background tasks (see the module
+    /// docs).
     ///
     /// A malformed URL is an [`Error::Startup`]; an unreachable server an
     /// [`Error::Unavailable`] naming `storage.postgres_url` and host:port.
@@ -110,8 +197,9 @@ impl PgStore {
         url: &str,
         pool_size: usize,
         secret_key: Option<&[u8; 32]>,
+        lease_ttl: Duration,
     ) -> Result<PgStore> {
-        Self::open(url, None, pool_size, secret_key).await
+        Self::open(url, None, pool_size, secret_key, lease_ttl, true).await
     }
 
     /// Like [`PgStore::connect`], with every table in `schema` (created if
@@ -124,20 +212,24 @@ impl PgStore {
         schema: &str,
         pool_size: usize,
         secret_key: Option<&[u8; 32]>,
+        lease_ttl: Duration,
     ) -> Result<PgStore> {
-        let valid = !schema.is_empty()
-            && schema.len() <= 63
-            && schema
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            && schema.bytes().next().is_some_and(|b| !b.is_ascii_digit());
-        if !valid {
-            return Err(Error::Startup(format!(
-                "postgres schema {schema:?}: use lower-case letters, digits and '_' \
-                 (not first a digit), at most 63 bytes"
-            )));
-        }
-        Self::open(url, Some(schema), pool_size, secret_key).await
+        check_schema(schema)?;
+        Self::open(url, Some(schema), pool_size, secret_key, lease_ttl, true).await
+    }
+
+    /// [`PgStore::connect_in_schema`] without the background tasks: nothing
+    /// is leased, polled or probed unless the test does it (tests of the
+    /// lease primitives).
+    #[cfg(test)]
+    async fn connect_passive(
+        url: &str,
+        schema: &str,
+        pool_size: usize,
+        secret_key: Option<&[u8; 32]>,
+    ) -> Result<PgStore> {
+        check_schema(schema)?;
+        Self::open(url, Some(schema), pool_size, secret_key, DEFAULT_LEASE_TTL, false).await
     }
 
     async fn open(
@@ -145,6 +237,8 @@ impl PgStore {
         schema: Option<&str>,
         pool_size: usize,
         secret_key: Option<&[u8; 32]>,
+        lease_ttl: Duration,
+        background: bool,
     ) -> Result<PgStore> {
         let masked = mask_url(url);
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
@@ -214,17 +308,66 @@ impl PgStore {
         migrate::run(&mut client).await?;
         let cipher = secret_key.map(SecretCipher::new);
         webhooks::check_secret_key(&mut client, cipher.as_ref()).await?;
+        let loaded = feed::Loaded::load(&client).await?;
         drop(client);
         let stats = Arc::new(Stats::default());
         let appends = log::spawn_writer(pool.clone(), stats.clone());
-        Ok(PgStore {
+        let store = PgStore {
             inner: Arc::new(Inner {
                 pool,
                 cipher,
                 appends,
                 stats,
+                owner: new_owner(),
+                lease_ttl: lease_ttl.max(Duration::from_millis(300)),
+                lanes: engine::Registry::default(),
+                heads: Mutex::new(loaded.heads.clone()),
+                deleted: Mutex::new(loaded.deleted.clone()),
+                counted: Mutex::new(HashMap::new()),
+                stored_events: AtomicU64::new(loaded.stored_events),
+                size_on_disk: AtomicU64::new(loaded.size_on_disk),
+                failure: watch::channel(None).0,
+                changes: broadcast::channel(CHANGE_BUFFER).0,
+                leases_valid_until: Mutex::new(None),
+                wake_leases: Arc::new(Notify::new()),
+                stop: watch::channel(false).0,
+                leases_paused: AtomicBool::new(false),
             }),
-        })
+        };
+        if background {
+            // The first share of lanes before the dispatcher starts its lanes.
+            if let Err(e) = store.lease_round().await {
+                store.note_error(&e);
+                tracing::warn!(error = %e, "postgres: first lease round failed; retrying in the background");
+            }
+            store.spawn_tasks(loaded);
+        }
+        Ok(store)
+    }
+
+    fn spawn_tasks(&self, loaded: feed::Loaded) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(lease::lease_task(
+            weak.clone(),
+            self.inner.stop.subscribe(),
+            self.inner.wake_leases.clone(),
+            self.inner.lease_ttl,
+        ));
+        tokio::spawn(feed::poll_task(
+            weak.clone(),
+            self.inner.stop.subscribe(),
+            feed::Feeds::new(&loaded),
+        ));
+        tokio::spawn(recovery_task(
+            weak,
+            self.inner.stop.subscribe(),
+            self.inner.failure.subscribe(),
+        ));
+    }
+
+    /// A handle from a background task's weak reference, if the store lives.
+    fn upgrade(weak: &Weak<Inner>) -> Option<PgStore> {
+        weak.upgrade().map(|inner| PgStore { inner })
     }
 
     /// A pooled connection.
@@ -232,10 +375,26 @@ impl PgStore {
         self.inner.pool.get().await.map_err(map_pool)
     }
 
-    /// Lane writes ([`PgStore::advance`]) refused so far because the caller
-    /// no longer held the lane's lease (fenced).
+    /// This router's name, as written in leases and `writer` columns.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// The lease TTL this router works with.
+    pub fn lease_ttl(&self) -> Duration {
+        self.inner.lease_ttl
+    }
+
+    /// Lane writes refused so far because this router no longer held the
+    /// lane's lease (fenced): by [`PgStore::advance`], and by the lane
+    /// operations of the [`crate::store::LaneStore`] interface (one per
+    /// lane and refused write).
     pub fn fenced_writes(&self) -> u64 {
         self.inner.stats.fenced_writes.load(Ordering::Relaxed)
+    }
+
+    fn count_fenced(&self, n: u64) {
+        self.inner.stats.fenced_writes.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Append transactions committed so far by this handle's log writers
@@ -249,6 +408,138 @@ impl PgStore {
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(map_db)?;
         Ok(())
+    }
+
+    /// Checks with a tiny write (this router's heartbeat) that the
+    /// database takes writes.
+    pub async fn probe_write(&self) -> Result<()> {
+        self.heartbeat().await
+    }
+
+    /// Why the store is failed: Some after a call or a background task met
+    /// a lost or refused connection ([`Error::Unavailable`], not a pool
+    /// that is merely busy); None again once the recovery probe finds the
+    /// database answering (it checks every second while failed).
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure.borrow().clone()
+    }
+
+    /// Follows [`PgStore::failure`].
+    pub fn watch_failure(&self) -> watch::Receiver<Option<String>> {
+        self.inner.failure.subscribe()
+    }
+
+    /// Marks the store failed when `e` says the database is out of reach.
+    fn note_error(&self, e: &Error) {
+        if let Error::Unavailable(m) = e {
+            if m.starts_with(POOL_BUSY) {
+                return;
+            }
+            let changed = self.inner.failure.send_if_modified(|f| {
+                if f.is_none() {
+                    *f = Some(m.clone());
+                    true
+                } else {
+                    false
+                }
+            });
+            if changed {
+                tracing::error!(error = %m, "postgres: the database is out of reach; the store is failed until it answers again");
+            }
+        }
+    }
+
+    /// `r`, having marked the store failed if it is a connection-class error.
+    fn noted<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.note_error(e);
+        }
+        r
+    }
+
+    /// What other routers sharing the database do (see [`Change`]), and
+    /// lanes this router acquired.
+    pub fn changes(&self) -> broadcast::Receiver<Change> {
+        self.inner.changes.subscribe()
+    }
+
+    fn send_change(&self, c: Change) {
+        // No receiver is fine: hints only.
+        let _ = self.inner.changes.send(c);
+    }
+
+    /// Stops the background tasks, writes what the lanes delivered and did
+    /// not write yet, and gives up this router's leases and heartbeat, so
+    /// the other routers take its lanes at once instead of after the TTL.
+    /// The store still answers calls afterwards, but holds no lane.
+    pub async fn shutdown(&self) {
+        self.inner.stop.send_replace(true);
+        if let Err(e) = self.save_lanes_all().await {
+            tracing::warn!(error = %e, "postgres: cannot write the last delivery outcomes at shutdown");
+        }
+        if let Err(e) = self.release_all().await {
+            tracing::warn!(error = %e, "postgres: cannot release the leases at shutdown");
+        }
+    }
+
+    /// Tests: pauses (true) or resumes the lease task's rounds, as if the
+    /// router were stopped (SIGSTOP) or partitioned.
+    #[cfg(test)]
+    fn pause_leases(&self, paused: bool) {
+        self.inner.leases_paused.store(paused, Ordering::Relaxed);
+    }
+}
+
+fn check_schema(schema: &str) -> Result<()> {
+    let valid = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && schema.bytes().next().is_some_and(|b| !b.is_ascii_digit());
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Startup(format!(
+            "postgres schema {schema:?}: use lower-case letters, digits and '_' \
+             (not first a digit), at most 63 bytes"
+        )))
+    }
+}
+
+/// While the store is failed, checks every second whether the database
+/// answers (a connection from the pool and a trivial query) and clears the
+/// failure when it does.
+async fn recovery_task(
+    weak: Weak<Inner>,
+    mut stop: watch::Receiver<bool>,
+    mut failure: watch::Receiver<Option<String>>,
+) {
+    loop {
+        let go_on = tokio::select! {
+            r = failure.wait_for(|f| f.is_some()) => r.is_ok(),
+            _ = stop.wait_for(|s| *s) => false,
+        };
+        if !go_on {
+            return;
+        }
+        loop {
+            let stopped = tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            if stopped {
+                return;
+            }
+            let Some(store) = PgStore::upgrade(&weak) else {
+                return;
+            };
+            if store.probe().await.is_ok() {
+                store.inner.failure.send_replace(None);
+                tracing::info!("postgres: the database answers again; the store takes writes");
+                break;
+            }
+        }
     }
 }
 
@@ -438,6 +729,9 @@ pub(super) fn map_db(e: tokio_postgres::Error) -> Error {
 pub(super) fn map_pool(e: PoolError) -> Error {
     match e {
         PoolError::Backend(e) => map_db(e),
+        PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+            Error::Unavailable(format!("{POOL_BUSY}: {}", describe_pool(&e)))
+        }
         PoolError::Timeout(_) | PoolError::Closed => {
             Error::Unavailable(format!("postgres: {}", describe_pool(&e)))
         }

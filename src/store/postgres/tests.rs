@@ -20,49 +20,80 @@ PostgreSQL 15 server. Start a throwaway one on loopback and point the variable a
   runuser -u postgres -- pg_ctl -D \"$d/data\" -o \"-c listen_addresses=127.0.0.1 -p 55432 -k $d\" -l \"$d/log\" -w start
   export WEBHOOK_ROUTER_TEST_PG=postgres://postgres@127.0.0.1:55432/postgres";
 
-fn test_url() -> String {
+pub(super) fn test_url() -> String {
     match std::env::var("WEBHOOK_ROUTER_TEST_PG") {
         Ok(u) if !u.trim().is_empty() => u,
         _ => panic!("{HOW_TO}"),
     }
 }
 
-fn random_schema() -> String {
+pub(super) fn random_schema() -> String {
     format!("t_{:016x}", rand::random::<u64>())
 }
 
 /// A store in a fresh schema, dropped by [`TestDb::done`].
-struct TestDb {
-    store: PgStore,
-    url: String,
-    schema: String,
+pub(super) struct TestDb {
+    pub store: PgStore,
+    pub url: String,
+    pub schema: String,
+    /// Stores without background tasks (see [`PgStore::connect_passive`]).
+    passive: bool,
 }
 
 impl TestDb {
-    async fn new() -> TestDb {
-        Self::with_key(None).await
+    pub async fn new() -> TestDb {
+        Self::open(None, DEFAULT_LEASE_TTL, false).await
     }
 
     async fn with_key(key: Option<&[u8; 32]>) -> TestDb {
+        Self::open(key, DEFAULT_LEASE_TTL, false).await
+    }
+
+    /// A router with a lease TTL of `ttl`.
+    pub async fn with_ttl(ttl: Duration) -> TestDb {
+        Self::open(None, ttl, false).await
+    }
+
+    /// A store that leases, polls and probes nothing by itself.
+    async fn passive() -> TestDb {
+        Self::open(None, DEFAULT_LEASE_TTL, true).await
+    }
+
+    async fn open(key: Option<&[u8; 32]>, ttl: Duration, passive: bool) -> TestDb {
         let url = test_url();
         let schema = random_schema();
-        let store = PgStore::connect_in_schema(&url, &schema, 4, key)
-            .await
-            .expect("connect");
-        TestDb { store, url, schema }
+        let store = if passive {
+            PgStore::connect_passive(&url, &schema, 4, key).await
+        } else {
+            PgStore::connect_in_schema(&url, &schema, 4, key, ttl).await
+        }
+        .expect("connect");
+        TestDb {
+            store,
+            url,
+            schema,
+            passive,
+        }
     }
 
-    /// Another store on the same schema (another router).
-    async fn another(&self, key: Option<&[u8; 32]>) -> Result<PgStore> {
-        PgStore::connect_in_schema(&self.url, &self.schema, 4, key).await
+    /// Another store on the same schema (another router), of the same
+    /// kind and TTL.
+    pub async fn another(&self, key: Option<&[u8; 32]>) -> Result<PgStore> {
+        if self.passive {
+            PgStore::connect_passive(&self.url, &self.schema, 4, key).await
+        } else {
+            PgStore::connect_in_schema(&self.url, &self.schema, 4, key, self.store.lease_ttl())
+                .await
+        }
     }
 
-    async fn done(self) {
+    pub async fn done(self) {
+        self.store.shutdown().await;
         drop_schema(&self.url, &self.schema).await;
     }
 }
 
-async fn drop_schema(url: &str, schema: &str) {
+pub(super) async fn drop_schema(url: &str, schema: &str) {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
     tokio::spawn(conn);
     client
@@ -71,7 +102,7 @@ async fn drop_schema(url: &str, schema: &str) {
         .expect("drop schema");
 }
 
-fn event(id: &str) -> NewEvent {
+pub(super) fn event(id: &str) -> NewEvent {
     event_sized(id, "COURSE_ENROLLMENT", Mode::Realtime, 0)
 }
 
@@ -88,7 +119,7 @@ fn event_sized(id: &str, name: &str, mode: Mode, pad: usize) -> NewEvent {
     }
 }
 
-fn webhook(account_id: u64) -> Webhook {
+pub(super) fn webhook(account_id: u64) -> Webhook {
     Webhook {
         id: ids::new_id(ids::WEBHOOK_PREFIX),
         account_id,
@@ -153,14 +184,14 @@ fn pool_timeouts_and_a_closed_pool_are_unavailable() {
 
 #[tokio::test]
 async fn bad_url_is_a_startup_error_without_the_password() {
-    let e = PgStore::connect("postgres://u:hunter2@h:notaport/d", 1, None)
+    let e = PgStore::connect("postgres://u:hunter2@h:notaport/d", 1, None, DEFAULT_LEASE_TTL)
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Startup(_)), "{e:?}");
     let m = e.to_string();
     assert!(m.contains("storage.postgres_url"), "{m}");
     assert!(!m.contains("hunter2"), "{m}");
-    let e = PgStore::connect_in_schema("postgres://h/d", "Bad-Name", 1, None)
+    let e = PgStore::connect_in_schema("postgres://h/d", "Bad-Name", 1, None, DEFAULT_LEASE_TTL)
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Startup(_)), "{e:?}");
@@ -173,6 +204,7 @@ async fn unreachable_server_is_unavailable_naming_host_port() {
         "postgres://u:hunter2@127.0.0.1:1/d?connect_timeout=2",
         1,
         None,
+        DEFAULT_LEASE_TTL,
     )
     .await
     .unwrap_err();
@@ -193,7 +225,9 @@ async fn a_missing_database_is_a_startup_error() {
     let slash = url.rfind('/').expect("a URL with a database");
     url.truncate(slash);
     url.push_str("/no_such_db_for_webhook_router");
-    let e = PgStore::connect(&url, 1, None).await.unwrap_err();
+    let e = PgStore::connect(&url, 1, None, DEFAULT_LEASE_TTL)
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::Startup(_)), "{e:?}");
     assert!(e.to_string().contains("storage.postgres_url"), "{e}");
 }
@@ -204,7 +238,9 @@ async fn four_routers_migrate_a_fresh_schema_at_once() {
     let schema = random_schema();
     let connects = (0..4).map(|_| {
         let (url, schema) = (url.clone(), schema.clone());
-        tokio::spawn(async move { PgStore::connect_in_schema(&url, &schema, 2, None).await })
+        tokio::spawn(async move {
+            PgStore::connect_in_schema(&url, &schema, 2, None, DEFAULT_LEASE_TTL).await
+        })
     });
     let mut stores = Vec::new();
     for c in futures::future::join_all(connects).await {
@@ -219,7 +255,7 @@ async fn four_routers_migrate_a_fresh_schema_at_once() {
         .await
         .unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, vec![SCHEMA_VERSION]);
+    assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
     // And the schema works from every one of them.
     for (i, s) in stores.iter().enumerate() {
         s.append_events(1, vec![event(&format!("e{i}"))], 0)
@@ -228,6 +264,9 @@ async fn four_routers_migrate_a_fresh_schema_at_once() {
     }
     assert_eq!(stores[3].head_seq(1).await.unwrap(), 4);
     drop(client);
+    for s in &stores {
+        s.shutdown().await;
+    }
     drop_schema(&url, &schema).await;
 }
 
@@ -711,15 +750,34 @@ async fn delete_wins_over_a_racing_update_and_stays_deleted() {
     go_tx.send(()).unwrap();
     updater.await.unwrap().unwrap();
     deleter.await.unwrap().unwrap();
-    // Gone, with its secret, lanes and records; later updates are NotFound.
+    // Gone, with its secret and lanes; later updates are NotFound.
     assert_eq!(s.get_webhook(4, &w.id).await.unwrap(), None);
     assert_eq!(s.get_secret(&w.id).await.unwrap(), None);
-    assert!(s.is_deleted(&w.id).await.unwrap());
+    assert!(s.is_deleted_stored(&w.id).await.unwrap());
     let e = s
         .update_webhook(4, &w.id, |_, _| Ok(None))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::NotFound(_)), "{e:?}");
+    // Its delivery records are left for the janitor, which removes them.
+    assert_eq!(
+        s.list_deliveries(&w.id, None, None, 10)
+            .await
+            .unwrap()
+            .0
+            .len(),
+        1
+    );
+    let report = crate::store::LaneStore::janitor_round(
+        &s,
+        std::sync::Arc::new(Catalog::new(&[])),
+        crate::domain::now_ms(),
+        60_000,
+        60_000,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.purged + report.cleaned, 1, "{report:?}");
     assert_eq!(
         s.list_deliveries(&w.id, None, None, 10)
             .await
@@ -728,6 +786,7 @@ async fn delete_wins_over_a_racing_update_and_stays_deleted() {
             .len(),
         0
     );
+    assert!(crate::store::ConfigStore::is_deleted(&s, &w.id));
     let client = s.client().await.unwrap();
     let lanes: i64 = client
         .query_one("SELECT count(*) FROM lanes WHERE webhook_id = $1", &[&w.id])
@@ -752,7 +811,7 @@ async fn delete_wins_over_a_racing_update_and_stays_deleted() {
         .await
         .unwrap()
         .is_empty());
-    assert!(!s.is_deleted("wh_other").await.unwrap());
+    assert!(!s.is_deleted_stored("wh_other").await.unwrap());
 
     // The other order: a delete first, then an update waiting on it finds nothing.
     let w2 = webhook(4);
@@ -903,7 +962,7 @@ async fn bootstrap_tokens_round_trip() {
 
 /// A store with `n` webhooks (2n lanes) on account 1.
 async fn with_lanes(n: usize) -> (TestDb, Vec<Webhook>) {
-    let db = TestDb::new().await;
+    let db = TestDb::passive().await;
     let mut hooks = Vec::new();
     for _ in 0..n {
         let w = webhook(1);
@@ -1104,7 +1163,7 @@ async fn renew_keeps_and_release_frees_leases() {
 
 #[tokio::test]
 async fn chore_jobs_are_leased_to_one_owner() {
-    let db = TestDb::new().await;
+    let db = TestDb::passive().await;
     let s = &db.store;
     let ttl = Duration::from_millis(300);
     assert_eq!(s.acquire_job("janitor", "a", ttl).await.unwrap(), Some(1));

@@ -89,11 +89,11 @@ impl PgStore {
         }
         let inserted = tx
             .execute(
-                "INSERT INTO webhooks (account_id, webhook_id, body, version) \
-                 SELECT $1, $2, $3, 1 \
+                "INSERT INTO webhooks (account_id, webhook_id, body, version, change_seq, writer) \
+                 SELECT $1, $2, $3, 1, nextval('webhook_changes'), $4 \
                  WHERE NOT EXISTS (SELECT 1 FROM deleted_webhooks WHERE webhook_id = $2) \
                  ON CONFLICT DO NOTHING",
-                &[&account, &webhook.id, &body],
+                &[&account, &webhook.id, &body, &self.inner.owner],
             )
             .await
             .map_err(map_db)?;
@@ -125,6 +125,8 @@ impl PgStore {
         .await
         .map_err(map_db)?;
         tx.commit().await.map_err(map_db)?;
+        // Its lanes are there: lease them now rather than at the next round.
+        self.inner.wake_leases.notify_one();
         Ok(())
     }
 
@@ -230,9 +232,10 @@ impl PgStore {
         let new_secret = change(&mut w, secret)?;
         let body = seal_webhook(self.inner.cipher.as_ref(), &w)?;
         tx.execute(
-            "UPDATE webhooks SET body = $3, version = version + 1 \
+            "UPDATE webhooks SET body = $3, version = version + 1, \
+               change_seq = nextval('webhook_changes'), writer = $4 \
              WHERE account_id = $1 AND webhook_id = $2",
-            &[&account, &id, &body],
+            &[&account, &id, &body, &self.inner.owner],
         )
         .await
         .map_err(map_db)?;
@@ -250,11 +253,22 @@ impl PgStore {
         Ok(w)
     }
 
-    /// Deletes a webhook: in one transaction its record, its secret, its
-    /// lanes and its delivery records go and a tombstone is written, so no
-    /// call racing the deletion can revive it. Durable on return;
-    /// [`Error::NotFound`] when it does not exist.
+    /// Deletes a webhook: in one transaction its record, its secret and its
+    /// lanes go and a tombstone is written, so no call racing the deletion
+    /// can revive it (lane writes are fenced by the lane's row, which is
+    /// gone; other writes lock the webhook's row first). Its delivery
+    /// records and requeued deliveries are left for the janitor, which
+    /// removes them a bounded number per round (as the sled store does).
+    /// Durable on return; [`Error::NotFound`] when it does not exist. This
+    /// router's lanes of the webhook stop at once (see
+    /// [`PgStore::forget_webhook`]).
     pub async fn delete_webhook(&self, account_id: u64, id: &str) -> Result<()> {
+        self.delete_webhook_row(account_id, id).await?;
+        self.forget_webhook(id).await;
+        Ok(())
+    }
+
+    async fn delete_webhook_row(&self, account_id: u64, id: &str) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(map_db)?;
         let removed = tx
@@ -270,14 +284,20 @@ impl PgStore {
         for sql in [
             "DELETE FROM secrets WHERE webhook_id = $1",
             "DELETE FROM lanes WHERE webhook_id = $1",
-            "DELETE FROM deliveries WHERE webhook_id = $1",
         ] {
             tx.execute(sql, &[&id]).await.map_err(map_db)?;
         }
         tx.execute(
-            "INSERT INTO deleted_webhooks (webhook_id, deleted_ms) VALUES ($1, $2) \
+            "INSERT INTO deleted_webhooks \
+               (webhook_id, deleted_ms, account_id, change_seq, writer) \
+             VALUES ($1, $2, $3, nextval('webhook_changes'), $4) \
              ON CONFLICT (webhook_id) DO NOTHING",
-            &[&id, &crate::domain::now_ms()],
+            &[
+                &id,
+                &crate::domain::now_ms(),
+                &to_i64(account_id),
+                &self.inner.owner,
+            ],
         )
         .await
         .map_err(map_db)?;
@@ -285,8 +305,9 @@ impl PgStore {
         Ok(())
     }
 
-    /// Whether the webhook `id` was deleted.
-    pub async fn is_deleted(&self, id: &str) -> Result<bool> {
+    /// Whether the webhook `id` was deleted, as stored (the trait's
+    /// `is_deleted` answers from memory).
+    pub async fn is_deleted_stored(&self, id: &str) -> Result<bool> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached("SELECT 1 FROM deleted_webhooks WHERE webhook_id = $1")
