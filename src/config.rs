@@ -316,8 +316,15 @@ pub struct ConfigError(pub String);
 impl Config {
     /// The storage backend this configuration names.
     pub fn storage_backend(&self) -> crate::store::Backend {
-        crate::store::Backend::Sled {
-            dir: self.data_dir.clone(),
+        match self.storage.backend {
+            StorageBackend::Sled => crate::store::Backend::Sled {
+                dir: self.data_dir.clone(),
+            },
+            StorageBackend::Postgres => crate::store::Backend::Postgres {
+                url: self.storage.postgres_url.clone(),
+                pool_size: self.storage.postgres_pool_size as usize,
+                lease_ttl: std::time::Duration::from_millis(self.storage.lease_ttl_ms),
+            },
         }
     }
 

@@ -78,6 +78,7 @@ fn main() -> ExitCode {
                 private_file(&out).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
             let mut writer = std::io::BufWriter::new(file);
             let n = webhook_router::transfer::export(&store, &mut writer).await?;
+            store.close().await?;
             println!("exported {n} webhooks to {}", out.display());
             Ok(())
         }),
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
             let limit = config.limits.max_webhooks_per_account;
             let r = webhook_router::transfer::import(&store, std::io::BufReader::new(file), limit)
                 .await?;
+            store.close().await?;
             println!(
                 "imported {} webhooks from {}; {} were there already",
                 r.created,

@@ -407,7 +407,7 @@ impl Collector for StoreCollector {
         let size = ConstGauge::new(self.store.size_on_disk() as i64);
         size.encode(encoder.encode_descriptor(
             "store_size_bytes",
-            "Bytes the database occupies on disk (sled size_on_disk)",
+            "Bytes the database occupies on disk (sled: the data folder; PostgreSQL: the database, shared by the cluster)",
             None,
             size.metric_type(),
         )?)?;
@@ -417,6 +417,15 @@ impl Collector for StoreCollector {
             "Events in the event log (all accounts); kept delivery.retention_ms after they were stored",
             None,
             stored.metric_type(),
+        )?)?;
+        let fenced =
+            prometheus_client::metrics::counter::ConstCounter::new(self.store.fenced_writes());
+        fenced.encode(encoder.encode_descriptor(
+            "lane_writes_fenced",
+            "Lane writes the store refused because this router no longer held the lane's \
+             lease (its epoch had moved on): the new holder sends those payloads again",
+            None,
+            fenced.metric_type(),
         )?)?;
         let lanes = match self.lanes() {
             Ok(l) => l,

@@ -228,7 +228,7 @@ pub async fn run_with_metrics_listener(
     };
     tracing::info!("gRPC server stopped; draining deliveries");
     dispatcher.shutdown().await;
-    match store.flush().await {
+    match store.close().await {
         Ok(()) => tracing::info!("store flushed; bye"),
         // The store failed earlier; what it acknowledged is on disk already.
         Err(e) if reopen_requested.load(std::sync::atomic::Ordering::SeqCst) => {

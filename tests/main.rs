@@ -11,6 +11,7 @@ mod auth;
 mod auth_matrix;
 mod catalog_changes;
 mod cli;
+mod cluster;
 mod concurrency;
 mod conformance;
 mod cpu_cost;

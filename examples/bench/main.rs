@@ -3,9 +3,9 @@
 //! scenario per run. See BENCHMARKS.md for the method and the results.
 //!
 //! ```text
-//! cargo run --release --example bench -- ingest     [--events N]
-//! cargo run --release --example bench -- fanout     [--events N]
-//! cargo run --release --example bench -- requests   [--events N]
+//! cargo run --release --example bench -- ingest     [--events N] [--backend postgres [--routers N]]
+//! cargo run --release --example bench -- fanout     [--events N] [--backend postgres [--routers N]]
+//! cargo run --release --example bench -- requests   [--events N] [--backend postgres [--routers N]]
 //! cargo run --release --example bench -- latency    [--seconds S] [--rate R]
 //! cargo run --release --example bench -- backlog    [--events N]
 //! cargo run --release --example bench -- peer       [--calls N] [--callers C] [--in-flight K]
@@ -13,6 +13,7 @@
 //! cargo run --example bench -- smoke                (small N; fails unless every event arrives)
 //! ```
 
+mod cluster;
 mod peer;
 mod router;
 mod sample;
@@ -43,20 +44,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// Durable PublishEvents throughput, and sled's raw append ceiling.
+    /// Durable PublishEvents throughput, and the raw append ceiling of the backend.
     Ingest {
         #[arg(long, default_value_t = 400_000)]
         events: u64,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// One account, 5 webhooks on the same event type.
     Fanout {
         #[arg(long, default_value_t = 100_000)]
         events: u64,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// One event per payload, 5 webhooks: HTTP requests/s, and a plain load generator.
     Requests {
         #[arg(long, default_value_t = 20_000)]
         events: u64,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// A steady rate to one webhook: publish-to-receive percentiles.
     Latency {
@@ -90,6 +97,23 @@ enum Scenario {
     Router { config: std::path::PathBuf },
 }
 
+/// Where the routers keep their state.
+#[derive(clap::Args, Clone, Copy)]
+struct BackendArgs {
+    /// `sled` (one router, embedded) or `postgres` (see cluster.rs).
+    #[arg(long, value_enum, default_value_t = BackendKind::Sled)]
+    backend: BackendKind,
+    /// Routers sharing the database (postgres only).
+    #[arg(long, default_value_t = 1)]
+    routers: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum BackendKind {
+    Sled,
+    Postgres,
+}
+
 /// Publishing clients (separate HTTP/2 connections).
 const CLIENTS: usize = 4;
 /// Events per PublishEvents request.
@@ -109,9 +133,18 @@ fn main() -> ExitCode {
         .expect("runtime");
     let ok = rt.block_on(async move {
         match cli.scenario {
-            Scenario::Ingest { events } => ingest(events).await,
-            Scenario::Fanout { events } => fanout(events).await,
-            Scenario::Requests { events } => requests(events).await,
+            Scenario::Ingest { events, backend } if backend.backend == BackendKind::Postgres => {
+                cluster::ingest(events, backend.routers).await
+            }
+            Scenario::Fanout { events, backend } if backend.backend == BackendKind::Postgres => {
+                cluster::deliver(events, backend.routers, 100).await
+            }
+            Scenario::Requests { events, backend } if backend.backend == BackendKind::Postgres => {
+                cluster::deliver(events, backend.routers, 1).await
+            }
+            Scenario::Ingest { events, .. } => ingest(events).await,
+            Scenario::Fanout { events, .. } => fanout(events).await,
+            Scenario::Requests { events, .. } => requests(events).await,
             Scenario::Latency { seconds, rate } => latency(seconds, rate).await,
             Scenario::Backlog { events } => backlog(events).await,
             Scenario::Peer {

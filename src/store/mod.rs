@@ -11,9 +11,11 @@
 //! - [`StoreHealth`]: durability barriers, failure and recovery.
 //!
 //! Backends: `sled/` (the embedded default; the only code that touches
-//! sled). [`Store`] is a closed enum over them and implements every
-//! interface by `match`, so generic methods stay possible and nothing is
-//! boxed. [`open`] is the only place that chooses one.
+//! sled) and `postgres/` (one database shared by several routers: lanes
+//! leased with an epoch, every lane write fenced by it). [`Store`] is a
+//! closed enum over them and implements every interface by `match`, so
+//! generic methods stay possible and nothing is boxed. [`open`] is the only
+//! place that chooses one.
 //!
 //! Shared here: [`crypt`] (secrets sealed at rest, the same format on every
 //! backend) and [`types`] (lane keys, takes, pages, reports).
@@ -29,6 +31,7 @@ use futures::future::BoxFuture;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use self::postgres::PgStore;
 pub use self::sled::{DiskSync, SledStore};
 pub use types::{
     AppendOutcome, Appended, Change, DeliveryPage, JanitorReport, LaneKey, LaneTally, Take,
@@ -257,6 +260,15 @@ pub enum Backend {
         /// The data folder.
         dir: std::path::PathBuf,
     },
+    /// A PostgreSQL database shared with other routers.
+    Postgres {
+        /// `storage.postgres_url`.
+        url: String,
+        /// `storage.postgres_pool_size`.
+        pool_size: usize,
+        /// `storage.lease_ttl_ms`.
+        lease_ttl: std::time::Duration,
+    },
 }
 
 /// Handle to the storage backend in use; cheap to clone.
@@ -264,6 +276,8 @@ pub enum Backend {
 pub enum Store {
     /// The embedded sled database.
     Sled(SledStore),
+    /// PostgreSQL, shared with other routers.
+    Postgres(PgStore),
 }
 
 /// Opens the configured backend; `secret_key` seals secrets at rest.
@@ -271,6 +285,13 @@ pub async fn open(backend: &Backend, secret_key: Option<[u8; 32]>) -> Result<Sto
     match backend {
         Backend::Sled { dir } => Ok(Store::Sled(
             SledStore::open_with_retry(dir, secret_key).await?,
+        )),
+        Backend::Postgres {
+            url,
+            pool_size,
+            lease_ttl,
+        } => Ok(Store::Postgres(
+            PgStore::connect(url, *pool_size, secret_key.as_ref(), *lease_ttl).await?,
         )),
     }
 }
@@ -282,10 +303,33 @@ pub async fn open_for_tools(config: &crate::config::Config) -> Result<Store> {
     let key = config.storage.secret_key_bytes();
     match config.storage_backend() {
         Backend::Sled { dir } => Ok(Store::Sled(SledStore::open_with_retry(&dir, key).await?)),
+        backend @ Backend::Postgres { .. } => open(&backend, key).await,
     }
 }
 
 impl Store {
+    /// Ends this router's part in the store: on PostgreSQL, writes what the
+    /// lanes delivered and releases its leases at once, so other routers
+    /// take its lanes without waiting for them to expire. Then flushes.
+    pub async fn close(&self) -> Result<()> {
+        match self {
+            Store::Sled(s) => StoreHealth::flush(s).await,
+            Store::Postgres(s) => {
+                s.shutdown().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Lane writes refused because this router had lost the lane's lease
+    /// (always 0 on sled, where one process owns every lane).
+    pub fn fenced_writes(&self) -> u64 {
+        match self {
+            Store::Sled(_) => 0,
+            Store::Postgres(s) => s.fenced_writes(),
+        }
+    }
+
     /// Opens an embedded store in `dir` (tests and tools).
     pub fn open_sled(dir: &Path) -> Result<Store> {
         SledStore::open(dir).map(Store::Sled)
@@ -297,6 +341,7 @@ macro_rules! on_backend {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
             Store::Sled($s) => $call,
+            Store::Postgres($s) => $call,
         }
     };
 }

@@ -69,7 +69,8 @@ pub fn write_cluster_config(
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(&format!(
         "\n[storage]\nbackend = \"postgres\"\npostgres_url = \"{postgres_url}\"\n\
-         postgres_pool_size = 8\nlease_ttl_ms = {lease_ttl_ms}\n"
+         postgres_pool_size = 8\nlease_ttl_ms = {lease_ttl_ms}\n\
+         \n[metrics]\nlisten = \"127.0.0.1:0\"\n"
     ));
     std::fs::write(&path, text).unwrap();
     path
@@ -200,6 +201,22 @@ impl RouterProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The `/metrics` address from the `metrics listener serving` line.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.log_lines().iter().rev().find_map(|l| {
+            if !l.contains("metrics listener serving") {
+                return None;
+            }
+            let i = l.find("addr=")?;
+            l[i + 5..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
     }
 
     /// The log lines captured so far.

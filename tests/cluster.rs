@@ -1,0 +1,252 @@
+//! Three router processes on one PostgreSQL database, under load: four
+//! publishers spread over the three routers, five webhooks (real-time and
+//! batch lanes). Mid-run one router is SIGKILLed (and started again later),
+//! another is SIGSTOPped for longer than its leases (then SIGCONT: a zombie
+//! that still believes it holds lanes), and PostgreSQL itself is restarted
+//! at once (`pg_ctl restart -m immediate`). At the end every acknowledged
+//! event reached each matching webhook with the content sent, each
+//! publisher's events arrived in publish order per lane, and the zombie's
+//! lane writes after it lost its leases were refused by the epoch check (its
+//! log says so).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::load::{
+    check_deliveries, ingest_clients, publish_for, Ledger, Publisher, BATCH, REALTIME,
+};
+use crate::common::pg::{restart_server_immediately, TestDb};
+use crate::common::process::{write_cluster_config, RouterProcess};
+use crate::common::*;
+use webhook_router::proto::v1::ListWebhooksRequest;
+
+const ROUTERS: usize = 3;
+const PUBLISHERS: usize = 4;
+/// Leases short enough for the test to see takeovers.
+const LEASE_TTL_MS: u64 = 2_000;
+/// Five webhooks: real-time only, both lanes, batch only, and two more.
+const TYPES: [&[&str]; 5] = [
+    &[REALTIME],
+    &[REALTIME, BATCH],
+    &[BATCH],
+    &[REALTIME],
+    &[REALTIME, BATCH],
+];
+
+/// One ingest client per publisher, publisher `i` on router `i % ROUTERS`
+/// among those in `up`.
+async fn spread_clients(routers: &[RouterProcess], up: &[usize]) -> Vec<Ingest> {
+    let mut clients = Vec::new();
+    for i in 0..PUBLISHERS {
+        let r = &routers[up[i % up.len()]];
+        clients.extend(ingest_clients(r, 1).await);
+    }
+    clients
+}
+
+/// Waits (up to 30 s) until `router` answers a call that reads the database.
+async fn wait_database_back(router: &RouterProcess) {
+    let mut admin = router.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = admin
+            .list_webhooks(ListWebhooksRequest {
+                account_id: 1010,
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await;
+        match r {
+            Ok(_) => return,
+            Err(s) if Instant::now() < deadline => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("the database did not come back within 30 s: {s:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_routers_kill_pause_and_database_restart_lose_nothing() {
+    let started = Instant::now();
+    let db = TestDb::create().await;
+    let dirs: Vec<tempfile::TempDir> = (0..ROUTERS).map(|_| tempfile::tempdir().unwrap()).collect();
+    let configs: Vec<_> = dirs
+        .iter()
+        .map(|d| write_cluster_config(d.path(), &db.url, LEASE_TTL_MS, "batch_interval_ms = 200"))
+        .collect();
+    let mut routers: Vec<RouterProcess> = configs.iter().map(|c| RouterProcess::start(c)).collect();
+
+    let mut listeners = Vec::new();
+    for i in 0..TYPES.len() {
+        listeners.push(
+            Listener::start(Arc::new(move |n, _| {
+                (200, vec![], Duration::from_millis(((n + i) % 5) as u64 * 2))
+            }))
+            .await,
+        );
+    }
+    // Webhooks created through different routers.
+    for (i, (l, types)) in listeners.iter().zip(TYPES).enumerate() {
+        let mut admin = routers[i % ROUTERS].admin().await;
+        create(
+            &mut admin,
+            1010,
+            webhook(&format!("cluster-{i}"), &l.url(), types, no_auth()),
+        )
+        .await;
+    }
+
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let mut publishers: Vec<Publisher> =
+        (0..PUBLISHERS).map(|id| Publisher::new(id, 7, 5)).collect();
+    let report = |what: &str, ledger: &Mutex<Ledger>, listeners: &[Listener]| {
+        let delivered: usize = listeners.iter().map(|l| l.event_ids().len()).sum();
+        let l = ledger.lock().unwrap();
+        println!(
+            "{what}: {} sent, {} acknowledged, {} calls failed, {delivered} arrivals so far ({:?})",
+            l.sent.len(),
+            l.acked.len(),
+            l.failed_calls,
+            started.elapsed()
+        );
+    };
+
+    // 1. All three up.
+    let clients = spread_clients(&routers, &[0, 1, 2]).await;
+    publish_for(
+        &mut publishers,
+        clients,
+        &ledger,
+        Duration::from_millis(1_500),
+        async {},
+    )
+    .await;
+    report("all up", &ledger, &listeners);
+
+    // 2. SIGKILL router 0 under load; its lanes move to the others.
+    let clients = spread_clients(&routers, &[0, 1, 2]).await;
+    publish_for(
+        &mut publishers,
+        clients,
+        &ledger,
+        Duration::from_millis(800),
+        async {
+            routers[0].signal("-KILL");
+            let status = routers[0].wait_exit(Duration::from_secs(5));
+            assert!(!status.success(), "killed process reported success");
+        },
+    )
+    .await;
+    report("router 0 killed", &ledger, &listeners);
+    let clients = spread_clients(&routers, &[1, 2]).await;
+    publish_for(
+        &mut publishers,
+        clients,
+        &ledger,
+        Duration::from_millis(LEASE_TTL_MS + 1_500),
+        async {},
+    )
+    .await;
+    report(
+        "two routers, router 0's leases expired",
+        &ledger,
+        &listeners,
+    );
+
+    // 3. SIGSTOP router 1 for twice its lease; router 0 starts again meanwhile.
+    routers[1].signal("-STOP");
+    routers[0] = RouterProcess::start(&configs[0]);
+    let clients = spread_clients(&routers, &[0, 2]).await;
+    publish_for(
+        &mut publishers,
+        clients,
+        &ledger,
+        Duration::from_millis(2 * LEASE_TTL_MS + 1_000),
+        async {},
+    )
+    .await;
+    routers[1].signal("-CONT");
+    report(
+        "router 1 paused past its leases, then resumed",
+        &ledger,
+        &listeners,
+    );
+
+    // 4. PostgreSQL restarted at once under load.
+    let clients = spread_clients(&routers, &[0, 1, 2]).await;
+    publish_for(
+        &mut publishers,
+        clients,
+        &ledger,
+        Duration::from_millis(700),
+        async {
+            let took = restart_server_immediately();
+            println!("PostgreSQL restarted (immediate) in {took:?}");
+        },
+    )
+    .await;
+    let clients = spread_clients(&routers, &[0, 1, 2]).await;
+    publish_for(
+        &mut publishers,
+        clients,
+        &ledger,
+        Duration::from_millis(1_500),
+        async {},
+    )
+    .await;
+    report("after the database restart", &ledger, &listeners);
+
+    // Publishers settle their unknown batch (as a client retries), then
+    // everything acknowledged must arrive.
+    for (i, p) in publishers.iter_mut().enumerate() {
+        let router = &routers[i % ROUTERS];
+        wait_database_back(router).await;
+        let mut ingest = router.ingest().await;
+        p.settle(&mut ingest, &ledger).await;
+    }
+    let acked = ledger.lock().unwrap().acked.len();
+    assert!(
+        acked >= 200,
+        "too little was published to prove anything: {acked}"
+    );
+    let mut duplicates_total = 0;
+    for (i, (l, types)) in listeners.iter().zip(TYPES).enumerate() {
+        let name = format!("webhook {i}");
+        let (arrivals, requests, duplicates) = check_deliveries(
+            &name,
+            l,
+            types,
+            &[REALTIME, BATCH],
+            &ledger,
+            Duration::from_secs(60),
+        )
+        .await;
+        duplicates_total += duplicates;
+        println!(
+            "{name} {types:?}: {arrivals} arrivals in {requests} requests, {duplicates} duplicates"
+        );
+    }
+
+    // The zombie's writes after it lost its leases were refused by the epoch check.
+    let addr = routers[1].metrics_addr().expect("router 1 serves /metrics");
+    let samples = scrape(addr).await;
+    let fenced = value(&samples, "webhook_router_lane_writes_fenced_total", &[]).unwrap_or(0.0);
+    println!("router 1 (paused past its leases): {fenced} lane writes refused by the epoch check");
+    assert!(
+        fenced >= 1.0,
+        "the paused router's lane writes after losing its leases were not refused; its log:\n{}",
+        routers[1].log_lines().join("\n")
+    );
+    println!(
+        "{acked} acknowledged, {duplicates_total} duplicate arrivals over {} webhooks, {:?} total",
+        TYPES.len(),
+        started.elapsed()
+    );
+    for r in &mut routers {
+        r.signal("-TERM");
+        let status = r.wait_exit(Duration::from_secs(15));
+        assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    }
+}
