@@ -106,7 +106,7 @@ pub(super) fn event(id: &str) -> NewEvent {
     event_sized(id, "COURSE_ENROLLMENT", Mode::Realtime, 0)
 }
 
-fn event_sized(id: &str, name: &str, mode: Mode, pad: usize) -> NewEvent {
+pub(super) fn event_sized(id: &str, name: &str, mode: Mode, pad: usize) -> NewEvent {
     NewEvent {
         event_id: id.into(),
         event_name: name.into(),
