@@ -767,3 +767,93 @@ async fn failure_flips_when_the_connections_are_killed_and_clears_when_back() {
     store.shutdown().await;
     drop_schema(&base, &schema).await;
 }
+
+/// Measures the lane hot path (take, delivered in memory, batched saves)
+/// with 1 and 50 lanes; run with `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn measure_lane_throughput() {
+    let url = test_url();
+    let schema = random_schema();
+    let s = PgStore::connect_in_schema(&url, &schema, 16, None, Duration::from_secs(10))
+        .await
+        .unwrap();
+    for (lanes, events_per_lane, max_events) in [(1usize, 3000usize, 1usize), (50, 400, 1), (50, 4000, 100)] {
+        let mut hooks = Vec::new();
+        let account = lanes as u64 * 1000 + max_events as u64;
+        for _ in 0..lanes {
+            let w = webhook(account);
+            ConfigStore::create_webhook(&s, w.clone(), None, 100).await.unwrap();
+            hooks.push(w);
+        }
+        wait_until("all leased", || async {
+            hooks.iter().all(|w| holds(&s, &key(w, ModeTag::Realtime)))
+        })
+        .await;
+        for chunk in (0..events_per_lane).collect::<Vec<_>>().chunks(500) {
+            let evs = chunk.iter().map(|i| event(&format!("m{i}"))).collect();
+            EventLog::append_events(&s, account, evs, now_ms()).await.unwrap();
+        }
+        let saver = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut saves = 0u32;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if LaneStore::save_lanes(&s).await.is_err() {
+                        return saves;
+                    }
+                    saves += 1;
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for w in hooks.clone() {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let k = key(&w, ModeTag::Realtime);
+                let mut payloads = 0usize;
+                let mut events = 0usize;
+                while events < events_per_lane {
+                    let takes = LaneStore::lane_take_many(
+                        &s,
+                        k.clone(),
+                        filter(&w, ModeTag::Realtime),
+                        args(max_events, 0),
+                        16,
+                        100,
+                    )
+                    .await
+                    .unwrap();
+                    for t in takes {
+                        if let Take::Send { record, events: e, .. } = t {
+                            events += e.len();
+                            payloads += 1;
+                            let r = delivered(*record);
+                            if !s.lane_finish_quick(&k, &r) {
+                                LaneStore::lane_finish(&s, k.clone(), r, Arc::new(e)).await.unwrap();
+                            }
+                        }
+                    }
+                }
+                payloads
+            }));
+        }
+        let mut payloads = 0;
+        for t in tasks {
+            payloads += t.await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        saver.abort();
+        LaneStore::save_lanes(&s).await.unwrap();
+        eprintln!(
+            "{lanes} lane(s), {max_events} event(s) per payload: {payloads} payloads, {} events in {elapsed:?}: {:.0} payloads/s, {:.0} events/s",
+            lanes * events_per_lane,
+            payloads as f64 / elapsed.as_secs_f64(),
+            (lanes * events_per_lane) as f64 / elapsed.as_secs_f64()
+        );
+    }
+    s.shutdown().await;
+    drop_schema(&url, &schema).await;
+}
