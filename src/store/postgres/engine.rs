@@ -234,7 +234,8 @@ impl LaneHandle {
             };
             self.reset_tally();
             *self.next_ingest.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            self.cursor_hint.store(lease.state.cursor, Ordering::Release);
+            self.cursor_hint
+                .store(lease.state.cursor, Ordering::Release);
         }
         lease.epoch != 0
     }
@@ -609,7 +610,16 @@ impl PgStore {
         let mut passed = HashSet::new();
         if chunks.len() == 1 {
             let (l, r) = &chunks[0];
-            run_write(&client, &stmt, &self.inner.owner, l, r, dequeue, &mut passed).await?;
+            run_write(
+                &client,
+                &stmt,
+                &self.inner.owner,
+                l,
+                r,
+                dequeue,
+                &mut passed,
+            )
+            .await?;
         } else {
             let tx = client.transaction().await.map_err(map_db)?;
             for (i, (l, r)) in chunks.iter().enumerate() {
@@ -870,7 +880,8 @@ impl PgStore {
             .cloned()
             .collect();
         for id in recorded {
-            if let Some((mut r, payload)) = self.delivery_with_payload(&key.webhook_id, &id).await? {
+            if let Some((mut r, payload)) = self.delivery_with_payload(&key.webhook_id, &id).await?
+            {
                 if !r.state.is_final() {
                     let events = self.events_of(&r, payload).await?;
                     if events.len() == r.seqs.len() {
@@ -950,10 +961,7 @@ impl PgStore {
             .is_none_or(|a| a.events.is_empty() && a.limited);
         if needs_read {
             let head = self.known_head(key.account_id).await?;
-            let payloads = budget
-                .payloads
-                .min(budget.events.div_ceil(per))
-                .max(1);
+            let payloads = budget.payloads.min(budget.events.div_ceil(per)).max(1);
             let limit = per.saturating_mul(payloads);
             let read = self
                 .read_for_lane_at(

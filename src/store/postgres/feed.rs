@@ -83,7 +83,10 @@ impl Loaded {
         let mut heads = HashMap::new();
         let mut stored = 0u64;
         for row in client
-            .query("SELECT account_id, head_seq, trimmed_seq FROM accounts", &[])
+            .query(
+                "SELECT account_id, head_seq, trimmed_seq FROM accounts",
+                &[],
+            )
             .await
             .map_err(map_db)?
         {
@@ -185,7 +188,11 @@ impl Feeds {
 }
 
 /// Polls until the store is dropped or stopped.
-pub(super) async fn poll_task(weak: Weak<Inner>, mut stop: watch::Receiver<bool>, mut feeds: Feeds) {
+pub(super) async fn poll_task(
+    weak: Weak<Inner>,
+    mut stop: watch::Receiver<bool>,
+    mut feeds: Feeds,
+) {
     let mut wait = FAST;
     loop {
         let stopped = tokio::select! {
@@ -288,8 +295,10 @@ impl PgStore {
         )
         .map_err(map_db)?;
         let owner = self.inner.owner.as_str();
-        let pa: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&a_last, &a_gaps, &ROWS_PER_POLL];
-        let pw: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&w_last, &w_gaps, &ROWS_PER_POLL];
+        let pa: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&a_last, &a_gaps, &ROWS_PER_POLL];
+        let pw: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&w_last, &w_gaps, &ROWS_PER_POLL];
         let pd: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&d_last, &d_gaps, &ROWS_PER_POLL, &owner];
         let (accounts, webhooks, deliveries) = futures::try_join!(
@@ -431,7 +440,10 @@ impl PgStore {
         let lo: Vec<i64> = ranges.iter().map(|r| to_i64(r.1)).collect();
         let hi: Vec<i64> = ranges.iter().map(|r| to_i64(r.2)).collect();
         let client = self.client().await?;
-        let stmt = client.prepare_cached(COUNT_APPENDED).await.map_err(map_db)?;
+        let stmt = client
+            .prepare_cached(COUNT_APPENDED)
+            .await
+            .map_err(map_db)?;
         let rows = client.query(&stmt, &[&a, &lo, &hi]).await.map_err(map_db)?;
         drop(client);
         let mut by_account: HashMap<u64, Vec<(String, Option<Mode>, u64)>> = HashMap::new();

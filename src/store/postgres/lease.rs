@@ -128,7 +128,12 @@ impl PgStore {
         if lapsed {
             // Lanes that stopped taking work while the leases were not
             // renewed: look at them again.
-            for (h, _) in held.iter().zip(&renewed).filter(|(_, ok)| **ok).map(|(h, _)| h) {
+            for (h, _) in held
+                .iter()
+                .zip(&renewed)
+                .filter(|(_, ok)| **ok)
+                .map(|(h, _)| h)
+            {
                 self.send_change(Change::LaneAcquired(h.key.clone()));
             }
         }
@@ -142,7 +147,10 @@ impl PgStore {
                 .await
                 .map_err(map_db)?;
             let row = client.query_one(&stmt, &[]).await.map_err(map_db)?;
-            (row.get::<_, i64>(0).max(0) as usize, row.get::<_, i64>(1).max(1) as usize)
+            (
+                row.get::<_, i64>(0).max(0) as usize,
+                row.get::<_, i64>(1).max(1) as usize,
+            )
         };
         let share = lanes.div_ceil(routers);
         if kept < share {
@@ -156,7 +164,10 @@ impl PgStore {
                     continue;
                 }
                 let h = self.inner.lanes.handle(&key);
-                if h.adopt(lease.epoch, LaneState::from_row(lease.cursor_seq, &lease.state)) {
+                if h.adopt(
+                    lease.epoch,
+                    LaneState::from_row(lease.cursor_seq, &lease.state),
+                ) {
                     h.sync_now();
                     tracing::debug!(webhook_id = %key.webhook_id, mode = ?key.mode, epoch = lease.epoch, "postgres: lane acquired");
                     self.send_change(Change::LaneAcquired(key));
@@ -197,7 +208,10 @@ impl PgStore {
         for (h, _, mut slot) in idle {
             h.released(&mut slot);
         }
-        tracing::debug!(released, "postgres: lanes over this router's fair share given up");
+        tracing::debug!(
+            released,
+            "postgres: lanes over this router's fair share given up"
+        );
         Ok(())
     }
 

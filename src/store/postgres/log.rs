@@ -422,8 +422,10 @@ impl PgStore {
         // The head first: every event up to it is visible to the next
         // statement (read committed takes a new snapshot per statement).
         let head = self.head_seq(account_id).await?;
-        self.read_for_lane_at(account_id, head, after_seq, until_seq, filter, limit, scan_limit)
-            .await
+        self.read_for_lane_at(
+            account_id, head, after_seq, until_seq, filter, limit, scan_limit,
+        )
+        .await
     }
 
     /// [`PgStore::read_for_lane`] given a head known to be committed (read
@@ -555,7 +557,11 @@ impl PgStore {
     }
 
     /// The events of `account_id` at `seqs` (those still stored), in log order.
-    pub(super) async fn events_at(&self, account_id: u64, seqs: &[u64]) -> Result<Vec<StoredEvent>> {
+    pub(super) async fn events_at(
+        &self,
+        account_id: u64,
+        seqs: &[u64],
+    ) -> Result<Vec<StoredEvent>> {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }

@@ -231,7 +231,15 @@ impl PgStore {
         secret_key: Option<&[u8; 32]>,
     ) -> Result<PgStore> {
         check_schema(schema)?;
-        Self::open(url, Some(schema), pool_size, secret_key, DEFAULT_LEASE_TTL, false).await
+        Self::open(
+            url,
+            Some(schema),
+            pool_size,
+            secret_key,
+            DEFAULT_LEASE_TTL,
+            false,
+        )
+        .await
     }
 
     async fn open(
@@ -396,7 +404,10 @@ impl PgStore {
     }
 
     fn count_fenced(&self, n: u64) {
-        self.inner.stats.fenced_writes.fetch_add(n, Ordering::Relaxed);
+        self.inner
+            .stats
+            .fenced_writes
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// Append transactions committed so far by this handle's log writers

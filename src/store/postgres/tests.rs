@@ -184,9 +184,14 @@ fn pool_timeouts_and_a_closed_pool_are_unavailable() {
 
 #[tokio::test]
 async fn bad_url_is_a_startup_error_without_the_password() {
-    let e = PgStore::connect("postgres://u:hunter2@h:notaport/d", 1, None, DEFAULT_LEASE_TTL)
-        .await
-        .unwrap_err();
+    let e = PgStore::connect(
+        "postgres://u:hunter2@h:notaport/d",
+        1,
+        None,
+        DEFAULT_LEASE_TTL,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, Error::Startup(_)), "{e:?}");
     let m = e.to_string();
     assert!(m.contains("storage.postgres_url"), "{m}");

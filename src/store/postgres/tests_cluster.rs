@@ -187,16 +187,30 @@ async fn a_delivered_payload_moves_the_stored_cursor_only_when_saved() {
     let db = TestDb::with_ttl(TTL).await;
     let s = &db.store;
     let w = webhook(1);
-    ConfigStore::create_webhook(s, w.clone(), None, 10).await.unwrap();
+    ConfigStore::create_webhook(s, w.clone(), None, 10)
+        .await
+        .unwrap();
     let k = key(&w, ModeTag::Realtime);
     wait_until("the new lanes are leased", || async { holds(s, &k) }).await;
     EventLog::append_events(s, 1, vec![event("e1"), event("e2"), event("e3")], now_ms())
         .await
         .unwrap();
-    assert_eq!(EventLog::durable_head(s, 1), 3, "own appends move the cached head");
-    let (r, events, taken, requeued) = sent(take(s, &w, ModeTag::Realtime, args(2, 0), 1).await.remove(0));
+    assert_eq!(
+        EventLog::durable_head(s, 1),
+        3,
+        "own appends move the cached head"
+    );
+    let (r, events, taken, requeued) = sent(
+        take(s, &w, ModeTag::Realtime, args(2, 0), 1)
+            .await
+            .remove(0),
+    );
     assert_eq!((r.seqs.clone(), taken, requeued), (vec![1, 2], 2, false));
-    assert_eq!(r.id, delivery_id(&k, &events), "the id is derived from the lane and events");
+    assert_eq!(
+        r.id,
+        delivery_id(&k, &events),
+        "the id is derived from the lane and events"
+    );
     assert_eq!(stored_lane(s, &w, ModeTag::Realtime).await.cursor, 0);
     // Delivered: in memory until the next save.
     let r = delivered(r);
@@ -211,10 +225,16 @@ async fn a_delivered_payload_moves_the_stored_cursor_only_when_saved() {
         DeliveryState::Delivered
     );
     // The list shows it; the next take is the third event.
-    let page = DeliveryLog::list_deliveries(s, &w.id, None, None, 10).await.unwrap();
+    let page = DeliveryLog::list_deliveries(s, &w.id, None, None, 10)
+        .await
+        .unwrap();
     assert_eq!(page.deliveries.len(), 1);
     assert!(page.next_after.is_none());
-    let (r3, _, _, _) = sent(take(s, &w, ModeTag::Realtime, args(2, 0), 1).await.remove(0));
+    let (r3, _, _, _) = sent(
+        take(s, &w, ModeTag::Realtime, args(2, 0), 1)
+            .await
+            .remove(0),
+    );
     assert_eq!(r3.seqs, [3]);
     // Nothing dirty, nothing written.
     let r3 = delivered(r3);
@@ -231,13 +251,19 @@ async fn a_crash_repeats_the_payload_under_the_same_id_on_the_next_owner() {
     let db = cluster().await;
     let a = db.another(None).await.unwrap();
     let w = webhook(1);
-    ConfigStore::create_webhook(&a, w.clone(), None, 10).await.unwrap();
+    ConfigStore::create_webhook(&a, w.clone(), None, 10)
+        .await
+        .unwrap();
     let k = key(&w, ModeTag::Realtime);
     wait_until("a leases the lanes", || async { holds(&a, &k) }).await;
     EventLog::append_events(&a, 1, vec![event("e1"), event("e2")], now_ms())
         .await
         .unwrap();
-    let (x, events, _, _) = sent(take(&a, &w, ModeTag::Realtime, args(10, 0), 1).await.remove(0));
+    let (x, events, _, _) = sent(
+        take(&a, &w, ModeTag::Realtime, args(10, 0), 1)
+            .await
+            .remove(0),
+    );
     assert_eq!(x.seqs, [1, 2]);
     let b = db.another(None).await.unwrap();
     let mut changes = b.changes();
@@ -253,11 +279,17 @@ async fn a_crash_repeats_the_payload_under_the_same_id_on_the_next_owner() {
         events_again.iter().map(|e| &e.event_id).collect::<Vec<_>>(),
         events.iter().map(|e| &e.event_id).collect::<Vec<_>>()
     );
-    expect_change(&mut changes, "LaneAcquired", Duration::from_secs(1), |c| {
-        matches!(c, Change::LaneAcquired(l) if *l == k)
-    })
+    expect_change(
+        &mut changes,
+        "LaneAcquired",
+        Duration::from_secs(1),
+        |c| matches!(c, Change::LaneAcquired(l) if *l == k),
+    )
     .await;
-    assert!(stored_delivery(&b, &w, &x.id).await.is_none(), "a never wrote it");
+    assert!(
+        stored_delivery(&b, &w, &x.id).await.is_none(),
+        "a never wrote it"
+    );
     b.shutdown().await;
     db.done().await;
 }
@@ -267,13 +299,19 @@ async fn a_failed_attempt_resumes_on_the_next_owner_under_its_id_with_its_attemp
     let db = cluster().await;
     let a = db.another(None).await.unwrap();
     let w = webhook(1);
-    ConfigStore::create_webhook(&a, w.clone(), None, 10).await.unwrap();
+    ConfigStore::create_webhook(&a, w.clone(), None, 10)
+        .await
+        .unwrap();
     let k = key(&w, ModeTag::Realtime);
     wait_until("a leases the lanes", || async { holds(&a, &k) }).await;
     EventLog::append_events(&a, 1, vec![event("e1"), event("e2")], now_ms())
         .await
         .unwrap();
-    let (mut x, events, _, _) = sent(take(&a, &w, ModeTag::Realtime, args(1, 0), 1).await.remove(0));
+    let (mut x, events, _, _) = sent(
+        take(&a, &w, ModeTag::Realtime, args(1, 0), 1)
+            .await
+            .remove(0),
+    );
     x.push_attempt(attempt(503));
     x.state = DeliveryState::Retrying;
     x.next_attempt_ms = now_ms() + 60_000;
@@ -284,9 +322,15 @@ async fn a_failed_attempt_resumes_on_the_next_owner_under_its_id_with_its_attemp
     // Durable at once: the record with its events, the lane naming it, the
     // cursor past it.
     let lane = stored_lane(&a, &w, ModeTag::Realtime).await;
-    assert_eq!((lane.cursor, lane.head.as_deref()), (1, Some(x.id.as_str())));
+    assert_eq!(
+        (lane.cursor, lane.head.as_deref()),
+        (1, Some(x.id.as_str()))
+    );
     let stored = stored_delivery(&a, &w, &x.id).await.unwrap();
-    assert_eq!((stored.state, stored.attempt_count), (DeliveryState::Retrying, 1));
+    assert_eq!(
+        (stored.state, stored.attempt_count),
+        (DeliveryState::Retrying, 1)
+    );
     let b = db.another(None).await.unwrap();
     drop(a);
     let (resumed, events_again, taken, requeued) =
@@ -301,8 +345,15 @@ async fn a_failed_attempt_resumes_on_the_next_owner_under_its_id_with_its_attemp
     let done = LaneStore::lane_finish(&b, k.clone(), delivered(resumed), Arc::new(events_again))
         .await
         .unwrap();
-    assert_eq!(stored_delivery(&b, &w, &done.id).await.unwrap().state, DeliveryState::Delivered);
-    let (next, _, _, _) = sent(take(&b, &w, ModeTag::Realtime, args(1, 0), 1).await.remove(0));
+    assert_eq!(
+        stored_delivery(&b, &w, &done.id).await.unwrap().state,
+        DeliveryState::Delivered
+    );
+    let (next, _, _, _) = sent(
+        take(&b, &w, ModeTag::Realtime, args(1, 0), 1)
+            .await
+            .remove(0),
+    );
     assert_eq!(next.seqs, [2]);
     b.shutdown().await;
     db.done().await;
@@ -313,10 +364,15 @@ async fn a_zombie_is_fenced_and_its_writes_change_nothing() {
     let db = cluster().await;
     let a = db.another(None).await.unwrap();
     let w = webhook(1);
-    ConfigStore::create_webhook(&a, w.clone(), None, 10).await.unwrap();
+    ConfigStore::create_webhook(&a, w.clone(), None, 10)
+        .await
+        .unwrap();
     let rt = key(&w, ModeTag::Realtime);
     let bt = key(&w, ModeTag::Batch);
-    wait_until("a leases both lanes", || async { holds(&a, &rt) && holds(&a, &bt) }).await;
+    wait_until("a leases both lanes", || async {
+        holds(&a, &rt) && holds(&a, &bt)
+    })
+    .await;
     EventLog::append_events(
         &a,
         1,
@@ -336,8 +392,14 @@ async fn a_zombie_is_fenced_and_its_writes_change_nothing() {
     // a stops (SIGSTOP): no renewal, no heartbeat; b takes both lanes over.
     let b = db.another(None).await.unwrap();
     a.pause_leases(true);
-    wait_until("b takes both lanes over", || async { holds(&b, &rt) && holds(&b, &bt) }).await;
-    let before_b = (stored_lane(&b, &w, ModeTag::Realtime).await, stored_lane(&b, &w, ModeTag::Batch).await);
+    wait_until("b takes both lanes over", || async {
+        holds(&b, &rt) && holds(&b, &bt)
+    })
+    .await;
+    let before_b = (
+        stored_lane(&b, &w, ModeTag::Realtime).await,
+        stored_lane(&b, &w, ModeTag::Batch).await,
+    );
     // a, not knowing, goes on: no new work is handed out...
     assert!(matches!(
         take(&a, &w, ModeTag::Realtime, args(1, 0), 1).await[..],
@@ -354,23 +416,36 @@ async fn a_zombie_is_fenced_and_its_writes_change_nothing() {
         .unwrap();
     assert!(!back.events_kept, "not kept: not written");
     assert_eq!(a.fenced_writes(), 1);
-    assert!(!a.lane_finish_quick(&rt, &delivered(x2.clone())), "the lane is dropped");
+    assert!(
+        !a.lane_finish_quick(&rt, &delivered(x2.clone())),
+        "the lane is dropped"
+    );
     LaneStore::lane_finish(&a, rt.clone(), delivered(x2.clone()), Arc::new(x2_events))
         .await
         .unwrap();
     assert_eq!(a.fenced_writes(), 2);
-    assert!(a.lane_finish_quick(&bt, &delivered(y1.clone())), "memory only");
+    assert!(
+        a.lane_finish_quick(&bt, &delivered(y1.clone())),
+        "memory only"
+    );
     assert_eq!(LaneStore::save_lanes(&a).await.unwrap(), 0);
     assert_eq!(a.fenced_writes(), 3);
     assert!(a.lane_tallies().is_empty(), "a holds nothing now");
     // Nothing a wrote is stored.
     assert_eq!(stored_count(&b, "SELECT count(*) FROM deliveries").await, 0);
     assert_eq!(
-        (stored_lane(&b, &w, ModeTag::Realtime).await, stored_lane(&b, &w, ModeTag::Batch).await),
+        (
+            stored_lane(&b, &w, ModeTag::Realtime).await,
+            stored_lane(&b, &w, ModeTag::Batch).await
+        ),
         before_b
     );
     // b sends the same payloads again, under the same ids.
-    let (x1b, _, _, _) = sent(take(&b, &w, ModeTag::Realtime, args(1, 0), 1).await.remove(0));
+    let (x1b, _, _, _) = sent(
+        take(&b, &w, ModeTag::Realtime, args(1, 0), 1)
+            .await
+            .remove(0),
+    );
     assert_eq!(x1b.id, x1.id);
     assert_eq!(x1b.attempt_count, 0, "a's attempt was never recorded");
     let (y1b, _, _, _) = sent(take(&b, &w, ModeTag::Batch, args(1, 0), 1).await.remove(0));
@@ -386,7 +461,9 @@ async fn two_routers_share_ten_lanes_and_one_takes_all_when_the_other_leaves() {
     let db = TestDb::with_ttl(TTL).await;
     let a = &db.store;
     for _ in 0..5 {
-        ConfigStore::create_webhook(a, webhook(1), None, 10).await.unwrap();
+        ConfigStore::create_webhook(a, webhook(1), None, 10)
+            .await
+            .unwrap();
     }
     wait_until("a leases all 10", || async { held_count(a) == 10 }).await;
     let b = db.another(None).await.unwrap();
@@ -412,7 +489,10 @@ async fn two_routers_share_ten_lanes_and_one_takes_all_when_the_other_leaves() {
     let started = Instant::now();
     b.shutdown().await;
     wait_until("a holds all 10 again", || async { held_count(a) == 10 }).await;
-    assert!(started.elapsed() < TTL, "released lanes go at the next round, not after the TTL");
+    assert!(
+        started.elapsed() < TTL,
+        "released lanes go at the next round, not after the TTL"
+    );
     db.done().await;
 }
 
@@ -421,13 +501,23 @@ async fn the_janitor_runs_on_one_of_two_routers_only() {
     let db = TestDb::with_ttl(TTL).await;
     let a = &db.store;
     let w = webhook(1);
-    ConfigStore::create_webhook(a, w.clone(), None, 10).await.unwrap();
-    let b = db.another(None).await.unwrap();
-    wait_until("one lane each", || async { held_count(a) == 1 && held_count(&b) == 1 }).await;
-    // Five old events no lane took, and finished deliveries long past retention.
-    EventLog::append_events(a, 1, (1..=5).map(|i| event(&format!("old{i}"))).collect(), 1000)
+    ConfigStore::create_webhook(a, w.clone(), None, 10)
         .await
         .unwrap();
+    let b = db.another(None).await.unwrap();
+    wait_until("one lane each", || async {
+        held_count(a) == 1 && held_count(&b) == 1
+    })
+    .await;
+    // Five old events no lane took, and finished deliveries long past retention.
+    EventLog::append_events(
+        a,
+        1,
+        (1..=5).map(|i| event(&format!("old{i}"))).collect(),
+        1000,
+    )
+    .await
+    .unwrap();
     let mut old = Vec::new();
     for (i, state) in [
         DeliveryState::Delivered,
@@ -438,7 +528,13 @@ async fn the_janitor_runs_on_one_of_two_routers_only() {
     .into_iter()
     .enumerate()
     {
-        let mut r = DeliveryRecord::new(1, &w.id, ModeTag::Realtime, [(1u64, format!("x{i}"))].into_iter(), 0);
+        let mut r = DeliveryRecord::new(
+            1,
+            &w.id,
+            ModeTag::Realtime,
+            [(1u64, format!("x{i}"))].into_iter(),
+            0,
+        );
         r.finish(state, 10);
         old.push(r);
     }
@@ -464,7 +560,10 @@ async fn the_janitor_runs_on_one_of_two_routers_only() {
     let trimmed: u64 = reports.iter().map(|(_, r)| r.trimmed).sum();
     assert_eq!((purged, trimmed), (4, 5), "{reports:?}");
     // The real-time lane's holder expired its five events.
-    let expired: Vec<_> = reports.iter().flat_map(|(_, r)| r.expired.clone()).collect();
+    let expired: Vec<_> = reports
+        .iter()
+        .flat_map(|(_, r)| r.expired.clone())
+        .collect();
     assert_eq!(expired, vec![(key(&w, ModeTag::Realtime), 5)]);
     assert_eq!(stored_count(a, "SELECT count(*) FROM events").await, 0);
     let page = DeliveryLog::list_deliveries(a, &w.id, Some(DeliveryState::Expired), None, 10)
@@ -483,13 +582,19 @@ async fn a_redelivered_dead_delivery_is_taken_first() {
     let db = TestDb::with_ttl(TTL).await;
     let s = &db.store;
     let w = webhook(1);
-    ConfigStore::create_webhook(s, w.clone(), None, 10).await.unwrap();
+    ConfigStore::create_webhook(s, w.clone(), None, 10)
+        .await
+        .unwrap();
     let k = key(&w, ModeTag::Realtime);
     wait_until("the lanes are leased", || async { holds(s, &k) }).await;
     EventLog::append_events(s, 1, vec![event("e1"), event("e2")], now_ms())
         .await
         .unwrap();
-    let (mut x, events, _, _) = sent(take(s, &w, ModeTag::Realtime, args(1, 0), 1).await.remove(0));
+    let (mut x, events, _, _) = sent(
+        take(s, &w, ModeTag::Realtime, args(1, 0), 1)
+            .await
+            .remove(0),
+    );
     x.push_attempt(attempt(500));
     x.state = DeliveryState::Retrying;
     let x = LaneStore::lane_attempt_failed(s, k.clone(), x, Arc::new(events.clone()))
@@ -509,22 +614,54 @@ async fn a_redelivered_dead_delivery_is_taken_first() {
     .unwrap();
     assert_eq!(n, 1);
     assert_eq!(*progress.lock().unwrap(), vec![(1, 1)]);
-    assert_eq!(s.lane_tallies().iter().find(|(l, _)| *l == k).unwrap().1.requeued(), 1);
+    assert_eq!(
+        s.lane_tallies()
+            .iter()
+            .find(|(l, _)| *l == k)
+            .unwrap()
+            .1
+            .requeued(),
+        1
+    );
     // Taken before the second event: a copy with the same events.
-    let (copy, copy_events, taken, requeued) = sent(take(s, &w, ModeTag::Realtime, args(1, 0), 1).await.remove(0));
+    let (copy, copy_events, taken, requeued) = sent(
+        take(s, &w, ModeTag::Realtime, args(1, 0), 1)
+            .await
+            .remove(0),
+    );
     assert!(requeued && copy.redelivery && copy.events_kept);
     assert_ne!(copy.id, x.id);
     assert_eq!(taken, 0);
     assert_eq!(copy_events, events);
-    assert_eq!(s.lane_tallies().iter().find(|(l, _)| *l == k).unwrap().1.requeued(), 0);
+    assert_eq!(
+        s.lane_tallies()
+            .iter()
+            .find(|(l, _)| *l == k)
+            .unwrap()
+            .1
+            .requeued(),
+        0
+    );
     LaneStore::lane_finish(s, k.clone(), delivered(copy.clone()), Arc::new(copy_events))
         .await
         .unwrap();
-    assert_eq!(stored_delivery(s, &w, &copy.id).await.unwrap().state, DeliveryState::Delivered);
-    let (next, _, _, requeued) = sent(take(s, &w, ModeTag::Realtime, args(1, 0), 1).await.remove(0));
+    assert_eq!(
+        stored_delivery(s, &w, &copy.id).await.unwrap().state,
+        DeliveryState::Delivered
+    );
+    let (next, _, _, requeued) = sent(
+        take(s, &w, ModeTag::Realtime, args(1, 0), 1)
+            .await
+            .remove(0),
+    );
     assert_eq!((next.seqs.clone(), requeued), (vec![2], false));
     // Each dead one once without ids; by id, again.
-    assert_eq!(DeliveryLog::redeliver(s, &w.id, None, now_ms(), |_, _| {}).await.unwrap(), 0);
+    assert_eq!(
+        DeliveryLog::redeliver(s, &w.id, None, now_ms(), |_, _| {})
+            .await
+            .unwrap(),
+        0
+    );
     assert!(stored_delivery(s, &w, &x.id).await.unwrap().redelivered);
     assert_eq!(
         DeliveryLog::redeliver(s, &w.id, Some(vec![x.id.clone()]), now_ms(), |_, _| {})
@@ -547,18 +684,31 @@ async fn the_change_feed_reports_another_routers_append_webhook_change_and_outco
     let mut on_b = b.changes();
     let mut on_a = a.changes();
     let started = Instant::now();
-    EventLog::append_events(a, 9, vec![event("e1")], now_ms()).await.unwrap();
+    EventLog::append_events(a, 9, vec![event("e1")], now_ms())
+        .await
+        .unwrap();
     expect_change(&mut on_b, "Events", Duration::from_secs(2), |c| {
-        matches!(c, Change::Events { account_id: 9, head_seq: 1 })
+        matches!(
+            c,
+            Change::Events {
+                account_id: 9,
+                head_seq: 1
+            }
+        )
     })
     .await;
     assert_eq!(EventLog::durable_head(&b, 9), 1);
     let took = started.elapsed();
     let w = webhook(9);
-    ConfigStore::create_webhook(a, w.clone(), None, 10).await.unwrap();
-    expect_change(&mut on_b, "Webhook (created)", Duration::from_secs(2), |c| {
-        matches!(c, Change::Webhook { account_id: 9, webhook_id } if *webhook_id == w.id)
-    })
+    ConfigStore::create_webhook(a, w.clone(), None, 10)
+        .await
+        .unwrap();
+    expect_change(
+        &mut on_b,
+        "Webhook (created)",
+        Duration::from_secs(2),
+        |c| matches!(c, Change::Webhook { account_id: 9, webhook_id } if *webhook_id == w.id),
+    )
     .await;
     ConfigStore::update_webhook(a, 9, &w.id, |w, _| {
         w.name = "renamed".into();
@@ -566,14 +716,19 @@ async fn the_change_feed_reports_another_routers_append_webhook_change_and_outco
     })
     .await
     .unwrap();
-    expect_change(&mut on_b, "Webhook (updated)", Duration::from_secs(2), |c| {
-        matches!(c, Change::Webhook { webhook_id, .. } if *webhook_id == w.id)
-    })
+    expect_change(
+        &mut on_b,
+        "Webhook (updated)",
+        Duration::from_secs(2),
+        |c| matches!(c, Change::Webhook { webhook_id, .. } if *webhook_id == w.id),
+    )
     .await;
     // An outcome written by whichever router holds the real-time lane
     // reaches the other.
     let k = key(&w, ModeTag::Realtime);
-    EventLog::append_events(a, 9, vec![event("e2")], now_ms()).await.unwrap();
+    EventLog::append_events(a, 9, vec![event("e2")], now_ms())
+        .await
+        .unwrap();
     let (writer, listener) = loop {
         if holds(a, &k) {
             break (a, &mut on_b);
@@ -587,11 +742,16 @@ async fn the_change_feed_reports_another_routers_append_webhook_change_and_outco
     assert_eq!(x.seqs, [2]);
     assert!(writer.lane_finish_quick(&k, &delivered(x.clone())));
     LaneStore::save_lanes(writer).await.unwrap();
-    let c = expect_change(listener, "Outcome", Duration::from_secs(2), |c| {
-        matches!(c, Change::Outcome(r) if r.id == x.id)
-    })
+    let c = expect_change(
+        listener,
+        "Outcome",
+        Duration::from_secs(2),
+        |c| matches!(c, Change::Outcome(r) if r.id == x.id),
+    )
     .await;
-    let Change::Outcome(r) = c else { unreachable!() };
+    let Change::Outcome(r) = c else {
+        unreachable!()
+    };
     assert_eq!(r.state, DeliveryState::Delivered);
     eprintln!("another router's append seen after {took:?}");
     b.shutdown().await;
@@ -603,15 +763,28 @@ async fn a_webhook_deleted_elsewhere_ends_its_lanes_here() {
     let db = TestDb::with_ttl(TTL).await;
     let a = &db.store;
     let w = webhook(1);
-    ConfigStore::create_webhook(a, w.clone(), None, 10).await.unwrap();
+    ConfigStore::create_webhook(a, w.clone(), None, 10)
+        .await
+        .unwrap();
     let k = key(&w, ModeTag::Realtime);
     wait_until("a leases the lane", || async { holds(a, &k) }).await;
-    assert!(matches!(take(a, &w, ModeTag::Realtime, args(1, 0), 1).await[..], [Take::Idle { .. }]));
-    let b = super::PgStore::connect_passive(&db.url, &db.schema, 2, None).await.unwrap();
+    assert!(matches!(
+        take(a, &w, ModeTag::Realtime, args(1, 0), 1).await[..],
+        [Take::Idle { .. }]
+    ));
+    let b = super::PgStore::connect_passive(&db.url, &db.schema, 2, None)
+        .await
+        .unwrap();
     ConfigStore::delete_webhook(&b, 1, &w.id).await.unwrap();
     assert!(ConfigStore::is_deleted(&b, &w.id));
-    wait_until("a sees the deletion", || async { ConfigStore::is_deleted(a, &w.id) }).await;
-    assert!(matches!(take(a, &w, ModeTag::Realtime, args(1, 0), 1).await[..], [Take::Gone]));
+    wait_until("a sees the deletion", || async {
+        ConfigStore::is_deleted(a, &w.id)
+    })
+    .await;
+    assert!(matches!(
+        take(a, &w, ModeTag::Realtime, args(1, 0), 1).await[..],
+        [Take::Gone]
+    ));
     assert!(!holds(a, &k));
     db.done().await;
 }
@@ -621,18 +794,35 @@ async fn tallies_count_another_routers_appends_on_held_lanes_only() {
     let db = TestDb::with_ttl(TTL).await;
     let a = &db.store;
     let w = webhook(1);
-    ConfigStore::create_webhook(a, w.clone(), None, 10).await.unwrap();
+    ConfigStore::create_webhook(a, w.clone(), None, 10)
+        .await
+        .unwrap();
     let k = key(&w, ModeTag::Realtime);
     wait_until("a leases the lane", || async { holds(a, &k) }).await;
     // The first take seeds the tally.
-    assert!(matches!(take(a, &w, ModeTag::Realtime, args(2, 0), 1).await[..], [Take::Idle { .. }]));
-    let tally = a.lane_tallies().into_iter().find(|(l, _)| *l == k).unwrap().1;
+    assert!(matches!(
+        take(a, &w, ModeTag::Realtime, args(2, 0), 1).await[..],
+        [Take::Idle { .. }]
+    ));
+    let tally = a
+        .lane_tallies()
+        .into_iter()
+        .find(|(l, _)| *l == k)
+        .unwrap()
+        .1;
     assert_eq!(tally.backlog(), 0);
     // Another router (leasing nothing) appends.
-    let b = super::PgStore::connect_passive(&db.url, &db.schema, 2, None).await.unwrap();
-    EventLog::append_events(&b, 1, (1..=3).map(|i| event(&format!("e{i}"))).collect(), 4242)
+    let b = super::PgStore::connect_passive(&db.url, &db.schema, 2, None)
         .await
         .unwrap();
+    EventLog::append_events(
+        &b,
+        1,
+        (1..=3).map(|i| event(&format!("e{i}"))).collect(),
+        4242,
+    )
+    .await
+    .unwrap();
     assert!(b.lane_tallies().is_empty(), "b holds no lane");
     wait_until("a counts b's appends", || async { tally.pending() == 3 }).await;
     // The oldest waiting event, from what the lane knows (looked up once).
@@ -641,8 +831,15 @@ async fn tallies_count_another_routers_appends_on_held_lanes_only() {
         LaneStore::lane_next_ingest_ms(a, &k, &f, 100).unwrap() == Some(4242)
     })
     .await;
-    let (x, _, _, _) = sent(take(a, &w, ModeTag::Realtime, args(2, 0), 1).await.remove(0));
-    assert_eq!((tally.pending(), tally.backlog(), tally.head_ingest_ms()), (1, 3, Some(4242)));
+    let (x, _, _, _) = sent(
+        take(a, &w, ModeTag::Realtime, args(2, 0), 1)
+            .await
+            .remove(0),
+    );
+    assert_eq!(
+        (tally.pending(), tally.backlog(), tally.head_ingest_ms()),
+        (1, 3, Some(4242))
+    );
     assert!(a.lane_finish_quick(&k, &delivered(x)));
     assert_eq!(tally.backlog(), 1);
     db.done().await;
@@ -656,16 +853,23 @@ async fn a_concurrent_lane_stores_its_cursor_at_its_oldest_unrecorded_payload() 
     let s = &db.store;
     let mut w = webhook(1);
     w.max_in_flight = 4;
-    ConfigStore::create_webhook(s, w.clone(), None, 10).await.unwrap();
+    ConfigStore::create_webhook(s, w.clone(), None, 10)
+        .await
+        .unwrap();
     let k = key(&w, ModeTag::Realtime);
     wait_until("the lane is leased", || async { holds(s, &k) }).await;
     let cargs = |in_flight| TakeArgs {
         concurrent: true,
         ..args(1, in_flight)
     };
-    EventLog::append_events(s, 1, (1..=3).map(|i| event(&format!("e{i}"))).collect(), now_ms())
-        .await
-        .unwrap();
+    EventLog::append_events(
+        s,
+        1,
+        (1..=3).map(|i| event(&format!("e{i}"))).collect(),
+        now_ms(),
+    )
+    .await
+    .unwrap();
     let mut sends: Vec<_> = take(s, &w, ModeTag::Realtime, cargs(0), 3)
         .await
         .into_iter()
@@ -679,7 +883,10 @@ async fn a_concurrent_lane_stores_its_cursor_at_its_oldest_unrecorded_payload() 
     // The second goes through: saved, but the cursor stays before the first.
     assert!(s.lane_finish_quick(&k, &delivered(second.clone())));
     LaneStore::save_lanes(s).await.unwrap();
-    assert_eq!(stored_lane(s, &w, ModeTag::Realtime).await, engine::LaneState::default());
+    assert_eq!(
+        stored_lane(s, &w, ModeTag::Realtime).await,
+        engine::LaneState::default()
+    );
     assert!(stored_delivery(s, &w, &second.id).await.is_some());
     // The first fails: recorded with its events; the cursor moves to the third.
     first.push_attempt(attempt(503));
@@ -688,20 +895,29 @@ async fn a_concurrent_lane_stores_its_cursor_at_its_oldest_unrecorded_payload() 
         .await
         .unwrap();
     let st = stored_lane(s, &w, ModeTag::Realtime).await;
-    assert_eq!((st.cursor, st.parallel.clone()), (2, vec![first.id.clone()]));
+    assert_eq!(
+        (st.cursor, st.parallel.clone()),
+        (2, vec![first.id.clone()])
+    );
     // The third fails once, then goes through the slow way.
     third.push_attempt(attempt(503));
     third.state = DeliveryState::Retrying;
     let third = LaneStore::lane_attempt_failed(s, k.clone(), third, Arc::new(third_events.clone()))
         .await
         .unwrap();
-    assert!(!s.lane_finish_quick(&k, &delivered(third.clone())), "a recorded one");
+    assert!(
+        !s.lane_finish_quick(&k, &delivered(third.clone())),
+        "a recorded one"
+    );
     LaneStore::lane_finish(s, k.clone(), delivered(third), Arc::new(third_events))
         .await
         .unwrap();
     LaneStore::save_lanes(s).await.unwrap();
     let st = stored_lane(s, &w, ModeTag::Realtime).await;
-    assert_eq!((st.cursor, st.parallel.clone()), (3, vec![first.id.clone()]));
+    assert_eq!(
+        (st.cursor, st.parallel.clone()),
+        (3, vec![first.id.clone()])
+    );
     // Starting over: the first resumes under its id, then nothing is left.
     let (again, _, _, _) = sent(take(s, &w, ModeTag::Realtime, cargs(0), 1).await.remove(0));
     assert_eq!(again.id, first.id);
@@ -722,7 +938,9 @@ async fn failure_flips_when_the_connections_are_killed_and_clears_when_back() {
         format!("{base}?application_name={app}")
     };
     let schema = random_schema();
-    let store = PgStore::connect_in_schema(&url, &schema, 4, None, TTL).await.unwrap();
+    let store = PgStore::connect_in_schema(&url, &schema, 4, None, TTL)
+        .await
+        .unwrap();
     assert!(StoreHealth::failure(&store).is_none());
     let mut watch = StoreHealth::watch_failure(&store);
     // Kill every connection of this store, again and again, while it works.
@@ -762,8 +980,13 @@ async fn failure_flips_when_the_connections_are_killed_and_clears_when_back() {
         .await
         .expect("the failure clears")
         .unwrap();
-    eprintln!("cleared {:?} after the database answered again", back.elapsed());
-    EventLog::append_events(&store, 1, vec![event("after")], now_ms()).await.unwrap();
+    eprintln!(
+        "cleared {:?} after the database answered again",
+        back.elapsed()
+    );
+    EventLog::append_events(&store, 1, vec![event("after")], now_ms())
+        .await
+        .unwrap();
     store.shutdown().await;
     drop_schema(&base, &schema).await;
 }
@@ -778,12 +1001,16 @@ async fn measure_lane_throughput() {
     let s = PgStore::connect_in_schema(&url, &schema, 16, None, Duration::from_secs(10))
         .await
         .unwrap();
-    for (lanes, events_per_lane, max_events) in [(1usize, 3000usize, 1usize), (50, 400, 1), (50, 4000, 100)] {
+    for (lanes, events_per_lane, max_events) in
+        [(1usize, 3000usize, 1usize), (50, 400, 1), (50, 4000, 100)]
+    {
         let mut hooks = Vec::new();
         let account = lanes as u64 * 1000 + max_events as u64;
         for _ in 0..lanes {
             let w = webhook(account);
-            ConfigStore::create_webhook(&s, w.clone(), None, 100).await.unwrap();
+            ConfigStore::create_webhook(&s, w.clone(), None, 100)
+                .await
+                .unwrap();
             hooks.push(w);
         }
         wait_until("all leased", || async {
@@ -792,7 +1019,9 @@ async fn measure_lane_throughput() {
         .await;
         for chunk in (0..events_per_lane).collect::<Vec<_>>().chunks(500) {
             let evs = chunk.iter().map(|i| event(&format!("m{i}"))).collect();
-            EventLog::append_events(&s, account, evs, now_ms()).await.unwrap();
+            EventLog::append_events(&s, account, evs, now_ms())
+                .await
+                .unwrap();
         }
         let saver = {
             let s = s.clone();
@@ -827,12 +1056,17 @@ async fn measure_lane_throughput() {
                     .await
                     .unwrap();
                     for t in takes {
-                        if let Take::Send { record, events: e, .. } = t {
+                        if let Take::Send {
+                            record, events: e, ..
+                        } = t
+                        {
                             events += e.len();
                             payloads += 1;
                             let r = delivered(*record);
                             if !s.lane_finish_quick(&k, &r) {
-                                LaneStore::lane_finish(&s, k.clone(), r, Arc::new(e)).await.unwrap();
+                                LaneStore::lane_finish(&s, k.clone(), r, Arc::new(e))
+                                    .await
+                                    .unwrap();
                             }
                         }
                     }
