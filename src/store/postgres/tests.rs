@@ -63,7 +63,7 @@ impl TestDb {
         let url = test_url();
         let schema = random_schema();
         let store = if passive {
-            PgStore::connect_passive(&url, &schema, 4, key).await
+            PgStore::connect_passive_in_schema(&url, &schema, 4, key).await
         } else {
             PgStore::connect_in_schema(&url, &schema, 4, key, ttl).await
         }
@@ -80,7 +80,7 @@ impl TestDb {
     /// kind and TTL.
     pub async fn another(&self, key: Option<&[u8; 32]>) -> Result<PgStore> {
         if self.passive {
-            PgStore::connect_passive(&self.url, &self.schema, 4, key).await
+            PgStore::connect_passive_in_schema(&self.url, &self.schema, 4, key).await
         } else {
             PgStore::connect_in_schema(&self.url, &self.schema, 4, key, self.store.lease_ttl())
                 .await

@@ -772,7 +772,7 @@ async fn a_webhook_deleted_elsewhere_ends_its_lanes_here() {
         take(a, &w, ModeTag::Realtime, args(1, 0), 1).await[..],
         [Take::Idle { .. }]
     ));
-    let b = super::PgStore::connect_passive(&db.url, &db.schema, 2, None)
+    let b = super::PgStore::connect_passive_in_schema(&db.url, &db.schema, 2, None)
         .await
         .unwrap();
     ConfigStore::delete_webhook(&b, 1, &w.id).await.unwrap();
@@ -812,7 +812,7 @@ async fn tallies_count_another_routers_appends_on_held_lanes_only() {
         .1;
     assert_eq!(tally.backlog(), 0);
     // Another router (leasing nothing) appends.
-    let b = super::PgStore::connect_passive(&db.url, &db.schema, 2, None)
+    let b = super::PgStore::connect_passive_in_schema(&db.url, &db.schema, 2, None)
         .await
         .unwrap();
     EventLog::append_events(
