@@ -24,7 +24,7 @@ impl EventLog for PgStore {
         events: Vec<NewEvent>,
         now_ms: i64,
     ) -> Result<Appended> {
-        self.noted(PgStore::append_events(self, account_id, events, now_ms).await)
+        PgStore::append_events(self, account_id, events, now_ms).await
     }
 
     async fn read_events(

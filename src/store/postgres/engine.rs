@@ -1216,26 +1216,57 @@ impl PgStore {
     /// [`crate::store::LaneStore::save_lanes`]: one transaction for every
     /// held lane with unwritten outcomes or state: the records and the
     /// fenced lane rows together; a fenced lane's records are not written
-    /// and the lane is dropped. Returns how many records were written.
+    /// and the lane is dropped. Lanes busy at that moment (their lock taken
+    /// by one of their own calls) are not waited for while the others are
+    /// held: they are written right after, in a second transaction. Returns
+    /// how many records were written.
     pub(super) async fn save_lanes_all(&self) -> Result<usize> {
-        let handles = self.inner.lanes.all();
+        let handles: Vec<Arc<LaneHandle>> = self
+            .inner
+            .lanes
+            .held()
+            .into_iter()
+            .map(|(h, _)| h)
+            .filter(|h| !self.is_deleted_mem(&h.key.webhook_id))
+            .collect();
+        let mut busy = Vec::new();
         let mut locked = Vec::new();
         for h in &handles {
-            if self.is_deleted_mem(&h.key.webhook_id) {
-                continue;
-            }
-            // In lock order; only briefly contended (a lane's own call).
-            let mut slot = h.slot.lock().await;
-            if h.sync(&mut slot) && slot.dirty {
-                locked.push((h, slot));
+            match h.slot.try_lock() {
+                Ok(mut slot) => {
+                    if h.sync(&mut slot) && slot.dirty {
+                        locked.push((h, slot));
+                    }
+                }
+                Err(_) => busy.push(h),
             }
         }
+        let mut written = self.save_locked(&mut locked).await?;
+        drop(locked);
+        if !busy.is_empty() {
+            let mut locked = Vec::new();
+            for h in busy {
+                let mut slot = h.slot.lock().await;
+                if h.sync(&mut slot) && slot.dirty {
+                    locked.push((h, slot));
+                }
+            }
+            written += self.save_locked(&mut locked).await?;
+        }
+        Ok(written)
+    }
+
+    /// One transaction of [`PgStore::save_lanes_all`] for lanes whose locks are held.
+    async fn save_locked(
+        &self,
+        locked: &mut [(&Arc<LaneHandle>, tokio::sync::MutexGuard<'_, LaneSlot>)],
+    ) -> Result<usize> {
         if locked.is_empty() {
             return Ok(0);
         }
         let mut rows = Vec::with_capacity(locked.len());
         let mut records = Vec::new();
-        for (h, slot) in &locked {
+        for (h, slot) in locked.iter() {
             let state = slot.state.clone().unwrap_or_default();
             rows.push(LaneRow {
                 key: h.key.clone(),
@@ -1246,7 +1277,7 @@ impl PgStore {
         }
         let passed = self.write_lanes(&rows, &records, &[]).await?;
         let mut written = 0;
-        for (h, slot) in &mut locked {
+        for (h, slot) in locked.iter_mut() {
             if passed.contains(&(h.key.webhook_id.clone(), h.key.mode)) {
                 written += slot.unsaved.len();
                 slot.unsaved.clear();

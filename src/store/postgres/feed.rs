@@ -54,8 +54,9 @@ const FAST: Duration = Duration::from_millis(200);
 const SLOW: Duration = Duration::from_secs(1);
 /// Most rows one feed reads per poll.
 const ROWS_PER_POLL: i64 = 1000;
-/// How long a skipped sequence value is asked for again.
-const GAP_WAIT: Duration = Duration::from_secs(5);
+/// How long a skipped sequence value is asked for again (a transaction
+/// that commits later than this after taking its value is missed).
+const GAP_WAIT: Duration = Duration::from_secs(3);
 /// Most gaps a feed remembers.
 const MAX_GAPS: usize = 10_000;
 /// Stored events and database size, this often.
@@ -106,8 +107,7 @@ impl Loaded {
                         GREATEST((SELECT COALESCE(max(change_seq), 0) FROM webhooks), \
                                  (SELECT COALESCE(max(change_seq), 0) FROM deleted_webhooks)), \
                         GREATEST((SELECT COALESCE(max(change_seq), 0) FROM deliveries), \
-                                 (SELECT COALESCE(max(change_seq), 0) FROM requeued)), \
-                        pg_database_size(current_database())",
+                                 (SELECT COALESCE(max(change_seq), 0) FROM requeued))",
                 &[],
             )
             .await
@@ -116,7 +116,7 @@ impl Loaded {
             heads,
             deleted,
             stored_events: stored,
-            size_on_disk: row.get::<_, i64>(3).max(0) as u64,
+            size_on_disk: database_size(client).await,
             accounts_seq: row.get(0),
             webhooks_seq: row.get(1),
             deliveries_seq: row.get(2),
@@ -206,8 +206,10 @@ pub(super) async fn poll_task(
             return;
         };
         match store.poll(&mut feeds).await {
-            Ok(true) => wait = FAST,
-            Ok(false) => wait = (wait * 2).min(SLOW),
+            // A feed hit its row bound: read on at once.
+            Ok(Polled { more: true, .. }) => wait = Duration::from_millis(5),
+            Ok(Polled { changed: true, .. }) => wait = FAST,
+            Ok(Polled { .. }) => wait = (wait * 2).min(SLOW),
             Err(e) => {
                 store.note_error(&e);
                 tracing::debug!(error = %e, "postgres: poll failed");
@@ -246,6 +248,18 @@ const COUNT_APPENDED: &str = "SELECT e.account_id, e.event_name, e.mode, count(*
      JOIN events e ON e.account_id = r.a AND e.seq > r.lo AND e.seq <= r.hi \
      GROUP BY e.account_id, e.event_name, e.mode";
 
+/// `pg_database_size` of the current database; 0 where the engine has no
+/// such function (CockroachDB) or it fails.
+async fn database_size(client: &deadpool_postgres::Object) -> u64 {
+    match client
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .await
+    {
+        Ok(row) => row.get::<_, i64>(0).max(0) as u64,
+        Err(_) => 0,
+    }
+}
+
 /// Whether another router's record is an outcome its lane published: a
 /// final one, or a failed attempt with a retry scheduled after it (not the
 /// last failed attempt before the delivery dies, which the lane does not
@@ -258,9 +272,17 @@ fn is_published_outcome(r: &DeliveryRecord) -> bool {
                 .is_some_and(|a| r.next_attempt_ms > a.time_ms))
 }
 
+/// What one poll found.
+struct Polled {
+    /// Something changed.
+    changed: bool,
+    /// A feed read as many rows as a poll reads: more are waiting.
+    more: bool,
+}
+
 impl PgStore {
-    /// One poll; true when something changed.
-    async fn poll(&self, feeds: &mut Feeds) -> Result<bool> {
+    /// One poll.
+    async fn poll(&self, feeds: &mut Feeds) -> Result<Polled> {
         let now = Instant::now();
         let (a_last, a_gaps) = feeds.accounts.params(now);
         let (w_last, w_gaps) = feeds.webhooks.params(now);
@@ -287,6 +309,9 @@ impl PgStore {
         .map_err(map_db)?;
         drop(client);
         let changed = !accounts.is_empty() || !webhooks.is_empty() || !deliveries.is_empty();
+        let more = [accounts.len(), webhooks.len(), deliveries.len()]
+            .iter()
+            .any(|n| *n as i64 >= ROWS_PER_POLL);
 
         let seqs: Vec<i64> = accounts.iter().map(|r| r.get(0)).collect();
         feeds.accounts.observe(&seqs, now);
@@ -379,18 +404,19 @@ impl PgStore {
             feeds.resync_at = now;
             self.resync_webhooks(feeds).await?;
         }
-        Ok(changed)
+        Ok(Polled { changed, more })
     }
 
     /// Counts the events appended since the last count (by any router) in
     /// the tallies of this router's seeded lanes (see `LaneTally`): per
     /// account, the range after its counting point up to the known head.
     async fn count_appended(&self) -> Result<()> {
-        let held = self.inner.lanes.held();
         let mut ranges: Vec<(u64, u64, u64)> = Vec::new();
         {
             let heads = self.inner.heads.lock().unwrap_or_else(|p| p.into_inner());
             let mut counted = self.inner.counted.lock().unwrap_or_else(|p| p.into_inner());
+            // Under the counting lock, as seeds choose their point under it.
+            let held = self.inner.lanes.held();
             for (account, lo) in counted.iter_mut() {
                 let head = heads.get(account).copied().unwrap_or(*lo);
                 if head <= *lo {
@@ -436,6 +462,7 @@ impl PgStore {
         // Under the counting lock: a lane seeded meanwhile counted up to
         // `lo` itself (its seed point is the counting point).
         let mut counted = self.inner.counted.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.inner.lanes.held();
         for (account, lo, hi) in ranges {
             if counted.get(&account) != Some(&lo) {
                 continue;
@@ -467,19 +494,15 @@ impl PgStore {
     async fn refresh_stats(&self) -> Result<()> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
-                "SELECT COALESCE(sum(head_seq - trimmed_seq), 0)::bigint, \
-                        pg_database_size(current_database()) FROM accounts",
-            )
+            .prepare_cached("SELECT COALESCE(sum(head_seq - trimmed_seq), 0)::bigint FROM accounts")
             .await
             .map_err(map_db)?;
         let row = client.query_one(&stmt, &[]).await.map_err(map_db)?;
         self.inner
             .stored_events
             .store(row.get::<_, i64>(0).max(0) as u64, Ordering::Relaxed);
-        self.inner
-            .size_on_disk
-            .store(row.get::<_, i64>(1).max(0) as u64, Ordering::Relaxed);
+        let size = database_size(&client).await;
+        self.inner.size_on_disk.store(size, Ordering::Relaxed);
         Ok(())
     }
 

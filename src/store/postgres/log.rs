@@ -326,7 +326,8 @@ impl PgStore {
     /// `first_seq` is the sequence number of the first event stored (the
     /// others follow in order, duplicates skipped; meaningless when none was
     /// stored); `last_seq` the account's highest sequence number after the
-    /// transaction.
+    /// transaction, which the cache of heads learns at once (this router's
+    /// lanes read up to it).
     pub async fn append_events(
         &self,
         account_id: u64,
@@ -334,7 +335,7 @@ impl PgStore {
         now_ms: i64,
     ) -> Result<Appended> {
         if events.is_empty() {
-            let head = self.head_seq(account_id).await?;
+            let head = self.noted(self.head_seq(account_id).await)?;
             return Ok(Appended {
                 outcomes: Vec::new(),
                 first_seq: head + 1,
@@ -355,7 +356,10 @@ impl PgStore {
             .map_err(|_| Error::Internal("postgres: the log writer stopped".into()))?;
         let appended = answer
             .await
-            .map_err(|_| Error::Internal("postgres: the log writer stopped".into()))??;
+            .map_err(|_| Error::Internal("postgres: the log writer stopped".into()))?;
+        // A lost connection marks the store failed (this method is also
+        // what `Store::append_events` calls).
+        let appended = self.noted(appended)?;
         self.note_head(account_id, appended.last_seq);
         Ok(appended)
     }

@@ -60,6 +60,8 @@ mod webhooks;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cluster;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -218,11 +220,23 @@ impl PgStore {
         Self::open(url, Some(schema), pool_size, secret_key, lease_ttl, true).await
     }
 
-    /// [`PgStore::connect_in_schema`] without the background tasks: nothing
-    /// is leased, polled or probed unless the test does it (tests of the
-    /// lease primitives).
+    /// Like [`PgStore::connect`], for a one-shot command (`export`,
+    /// `import`) that takes no part in the cluster's work: no heartbeat,
+    /// lease, poller or recovery probe, so it holds no lane (its lane calls
+    /// answer idle) and no chore, and the other routers do not count it
+    /// when they share the lanes. Configuration, the log and the delivery
+    /// log work as usual.
+    pub async fn connect_passive(
+        url: &str,
+        pool_size: usize,
+        secret_key: Option<&[u8; 32]>,
+    ) -> Result<PgStore> {
+        Self::open(url, None, pool_size, secret_key, DEFAULT_LEASE_TTL, false).await
+    }
+
+    /// [`PgStore::connect_passive`] in `schema` (tests).
     #[cfg(test)]
-    async fn connect_passive(
+    async fn connect_passive_in_schema(
         url: &str,
         schema: &str,
         pool_size: usize,

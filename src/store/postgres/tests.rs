@@ -63,7 +63,7 @@ impl TestDb {
         let url = test_url();
         let schema = random_schema();
         let store = if passive {
-            PgStore::connect_passive(&url, &schema, 4, key).await
+            PgStore::connect_passive_in_schema(&url, &schema, 4, key).await
         } else {
             PgStore::connect_in_schema(&url, &schema, 4, key, ttl).await
         }
@@ -80,7 +80,7 @@ impl TestDb {
     /// kind and TTL.
     pub async fn another(&self, key: Option<&[u8; 32]>) -> Result<PgStore> {
         if self.passive {
-            PgStore::connect_passive(&self.url, &self.schema, 4, key).await
+            PgStore::connect_passive_in_schema(&self.url, &self.schema, 4, key).await
         } else {
             PgStore::connect_in_schema(&self.url, &self.schema, 4, key, self.store.lease_ttl())
                 .await
@@ -106,7 +106,7 @@ pub(super) fn event(id: &str) -> NewEvent {
     event_sized(id, "COURSE_ENROLLMENT", Mode::Realtime, 0)
 }
 
-fn event_sized(id: &str, name: &str, mode: Mode, pad: usize) -> NewEvent {
+pub(super) fn event_sized(id: &str, name: &str, mode: Mode, pad: usize) -> NewEvent {
     NewEvent {
         event_id: id.into(),
         event_name: name.into(),
