@@ -1,4 +1,4 @@
-//! Crash safety of the real binary: SIGKILL at random points during sustained
+//! Crash safety of the real binary (on sled, and on PostgreSQL): SIGKILL at random points during sustained
 //! publishing (several concurrent publishers) and delivery (several webhooks,
 //! real-time and batch lanes),
 //! restarting on the same data folder each time. At the end every
@@ -14,23 +14,33 @@ use crate::common::load::{
     check_every_lane, create_lane_webhooks, ingest_clients, lane_listeners, publish_for, random_ms,
     Ledger, Publisher, BATCH, REALTIME, WEBHOOK_TYPES,
 };
-use crate::common::process::{write_router_config, RouterProcess};
+use crate::common::process::{write_cluster_config, write_router_config, RouterProcess};
 use rand::{Rng, SeedableRng};
 
 const PUBLISHERS: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_during_publishing_and_delivery_loses_no_acknowledged_event() {
-    kill_and_restart(5, 0).await;
+    kill_and_restart(5, 0, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_with_payloads_side_by_side_loses_no_acknowledged_event() {
-    kill_and_restart(3, 8).await;
+    kill_and_restart(3, 8, None).await;
 }
 
-/// `kills` rounds of SIGKILL under load, webhooks with `max_in_flight`.
-async fn kill_and_restart(kills: usize, max_in_flight: u32) {
+/// The same on PostgreSQL: the router is killed, the database keeps what it
+/// committed (its own durability is PostgreSQL's), and the restarted router
+/// takes its lanes back once the dead one's leases expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_on_postgres_loses_no_acknowledged_event() {
+    let db = crate::common::pg::TestDb::create().await;
+    kill_and_restart(4, 0, Some(&db.url)).await;
+}
+
+/// `kills` rounds of SIGKILL under load, webhooks with `max_in_flight`; on
+/// the PostgreSQL database at `postgres_url` when given, else on sled.
+async fn kill_and_restart(kills: usize, max_in_flight: u32, postgres_url: Option<&str>) {
     let started = Instant::now();
     let seed: u64 = std::env::var("CRASH_SEED")
         .ok()
@@ -40,7 +50,10 @@ async fn kill_and_restart(kills: usize, max_in_flight: u32) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let dir = tempfile::tempdir().unwrap();
-    let config = write_router_config(dir.path(), 2_000, "batch_interval_ms = 200");
+    let config = match postgres_url {
+        Some(url) => write_cluster_config(dir.path(), url, 2_000, "batch_interval_ms = 200"),
+        None => write_router_config(dir.path(), 2_000, "batch_interval_ms = 200"),
+    };
     // Listeners answer after a short random delay, so deliveries are in flight
     // when the kill comes.
     let listeners = lane_listeners(|n| (n % 7) as u64 * 3).await;

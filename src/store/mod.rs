@@ -303,7 +303,9 @@ pub async fn open_for_tools(config: &crate::config::Config) -> Result<Store> {
     let key = config.storage.secret_key_bytes();
     match config.storage_backend() {
         Backend::Sled { dir } => Ok(Store::Sled(SledStore::open_with_retry(&dir, key).await?)),
-        backend @ Backend::Postgres { .. } => open(&backend, key).await,
+        Backend::Postgres { url, pool_size, .. } => Ok(Store::Postgres(
+            PgStore::connect_passive(&url, pool_size, key.as_ref()).await?,
+        )),
     }
 }
 
