@@ -275,7 +275,16 @@ async fn resolve_tokens(config: &Config, store: &Store) -> Result<Vec<TokenConfi
             account_ids: None,
         })
         .collect();
-    store.set_bootstrap_tokens(&hashed).await?;
+    if let Some(stored) = store.set_bootstrap_tokens(&hashed).await? {
+        // Another router sharing the store created them a moment earlier:
+        // its data_dir has the file, ours would hold tokens nobody accepts.
+        let _ = std::fs::remove_file(&path);
+        tracing::info!(
+            "no tokens configured; another router sharing the store created the first-start \
+             credentials (see {INITIAL_CREDENTIALS_FILE} in its data_dir)"
+        );
+        return Ok(stored);
+    }
     tracing::warn!(
         path = %path.display(),
         "no tokens configured: created an admin and an ingest token and wrote them to this file"

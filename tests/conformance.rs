@@ -314,8 +314,16 @@ pub async fn bootstrap_tokens_round_trip<S: Backend>(s: S) {
         role: Role::Admin,
         account_ids: Some(vec![1, 2]),
     }];
-    s.set_bootstrap_tokens(&tokens).await.unwrap();
+    assert!(s.set_bootstrap_tokens(&tokens).await.unwrap().is_none());
     let back = s.bootstrap_tokens().await.unwrap().unwrap();
+    // A second router starting without tokens gets the stored ones.
+    let mut later = tokens.clone();
+    later[0].token_sha256 = Some("cd".repeat(32));
+    let kept = s.set_bootstrap_tokens(&later).await.unwrap().unwrap();
+    assert_eq!(
+        kept[0].token_sha256, tokens[0].token_sha256,
+        "the first ones stay"
+    );
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].token_sha256, tokens[0].token_sha256);
     assert_eq!(back[0].account_ids, Some(vec![1, 2]));

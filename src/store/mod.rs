@@ -132,11 +132,13 @@ pub trait ConfigStore {
     /// The tokens created on first start, if any.
     fn bootstrap_tokens(&self) -> impl Future<Output = Result<Option<Vec<TokenConfig>>>> + Send;
 
-    /// Stores the first-start tokens (hashes only), durably.
+    /// Stores the first-start tokens (hashes only), durably, unless some
+    /// are stored already (another router sharing the store started first):
+    /// then returns those and stores nothing.
     fn set_bootstrap_tokens(
         &self,
         tokens: &[TokenConfig],
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<Option<Vec<TokenConfig>>>> + Send;
 }
 
 /// Lanes: what each sends next and what came of it.
@@ -416,7 +418,10 @@ impl ConfigStore for Store {
     async fn bootstrap_tokens(&self) -> Result<Option<Vec<TokenConfig>>> {
         on_backend!(self, s => ConfigStore::bootstrap_tokens(s).await)
     }
-    async fn set_bootstrap_tokens(&self, tokens: &[TokenConfig]) -> Result<()> {
+    async fn set_bootstrap_tokens(
+        &self,
+        tokens: &[TokenConfig],
+    ) -> Result<Option<Vec<TokenConfig>>> {
         on_backend!(self, s => ConfigStore::set_bootstrap_tokens(s, tokens).await)
     }
 }

@@ -108,8 +108,11 @@ impl ConfigStore for PgStore {
         self.noted(PgStore::bootstrap_tokens(self).await)
     }
 
-    async fn set_bootstrap_tokens(&self, tokens: &[TokenConfig]) -> Result<()> {
-        self.noted(PgStore::set_bootstrap_tokens(self, tokens).await)
+    async fn set_bootstrap_tokens(
+        &self,
+        tokens: &[TokenConfig],
+    ) -> Result<Option<Vec<TokenConfig>>> {
+        self.noted(PgStore::set_bootstrap_tokens_if_absent(self, tokens).await)
     }
 }
 

@@ -130,8 +130,16 @@ impl ConfigStore for SledStore {
         self.blocking(|s| s.bootstrap_tokens()).await
     }
 
-    async fn set_bootstrap_tokens(&self, tokens: &[TokenConfig]) -> Result<()> {
-        SledStore::set_bootstrap_tokens(self, tokens).await
+    async fn set_bootstrap_tokens(
+        &self,
+        tokens: &[TokenConfig],
+    ) -> Result<Option<Vec<TokenConfig>>> {
+        // One process owns the folder, and the server asks first.
+        if let Some(stored) = self.blocking(|s| s.bootstrap_tokens()).await? {
+            return Ok(Some(stored));
+        }
+        SledStore::set_bootstrap_tokens(self, tokens).await?;
+        Ok(None)
     }
 }
 
