@@ -70,7 +70,8 @@ async fn wait_database_back(router: &RouterProcess) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_routers_kill_pause_and_database_restart_lose_nothing() {
     let started = Instant::now();
-    let db = TestDb::create().await;
+    // The test restarts the server: no other test may use it meanwhile.
+    let db = TestDb::create_exclusive().await;
     let dirs: Vec<tempfile::TempDir> = (0..ROUTERS).map(|_| tempfile::tempdir().unwrap()).collect();
     let configs: Vec<_> = dirs
         .iter()

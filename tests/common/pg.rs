@@ -19,17 +19,47 @@ pub fn server_url() -> String {
     })
 }
 
+/// Tests share one server; one that restarts it holds this exclusively
+/// (see [`TestDb::create_exclusive`]), the others shared.
+static SERVER: std::sync::OnceLock<std::sync::Arc<tokio::sync::RwLock<()>>> =
+    std::sync::OnceLock::new();
+
+fn server_lock() -> std::sync::Arc<tokio::sync::RwLock<()>> {
+    SERVER.get_or_init(Default::default).clone()
+}
+
+/// What a test holds of the server: a share, or all of it.
+#[allow(dead_code)]
+enum Hold {
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
 /// A database of its own for one test, dropped at the end.
 pub struct TestDb {
     /// `postgres://…/<name>`
     pub url: String,
     name: String,
     admin_url: String,
+    _hold: Hold,
 }
 
 impl TestDb {
-    /// Creates `wr_<random>` on the test server.
+    /// Creates `wr_<random>` on the test server, sharing the server with
+    /// other tests.
     pub async fn create() -> TestDb {
+        let hold = Hold::Shared(server_lock().read_owned().await);
+        Self::create_holding(hold).await
+    }
+
+    /// Like [`TestDb::create`], with the server to itself until dropped:
+    /// for a test that restarts it ([`restart_server_immediately`]).
+    pub async fn create_exclusive() -> TestDb {
+        let hold = Hold::Exclusive(server_lock().write_owned().await);
+        Self::create_holding(hold).await
+    }
+
+    async fn create_holding(hold: Hold) -> TestDb {
         let admin_url = server_url();
         let name = format!("wr_{}", uuid::Uuid::new_v4().simple());
         let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
@@ -46,6 +76,7 @@ impl TestDb {
             url: url.to_string(),
             name,
             admin_url,
+            _hold: hold,
         }
     }
 }
@@ -76,6 +107,7 @@ impl Drop for TestDb {
 
 /// Restarts the test server at once (`pg_ctl restart -m immediate`: no
 /// checkpoint, crash recovery at start), as `.ci/postgres.sh` describes.
+/// Only from a test holding a [`TestDb::create_exclusive`] database.
 /// Panics when the server was not started by `.ci/postgres.sh`.
 pub fn restart_server_immediately() -> Duration {
     let var = |k: &str| {
