@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::common::load::{
     check_deliveries, ingest_clients, publish_for, Ledger, Publisher, BATCH, REALTIME,
 };
-use crate::common::pg::{restart_server_immediately, TestDb};
+use crate::common::pg::{restart_server_immediately, start_server, stop_server, TestDb};
 use crate::common::process::{write_cluster_config, RouterProcess};
 use crate::common::*;
 use webhook_router::proto::v1::ListWebhooksRequest;
@@ -250,4 +250,95 @@ async fn three_routers_kill_pause_and_database_restart_lose_nothing() {
         let status = r.wait_exit(Duration::from_secs(15));
         assert!(status.success(), "exit status after SIGTERM: {status:?}");
     }
+}
+
+/// Health of the EventIngest service as `router` reports it.
+async fn ingest_health(router: &RouterProcess) -> i32 {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    HealthClient::new(router.channel().await)
+        .check(HealthCheckRequest {
+            service: "webhooks.v1.EventIngest".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status
+}
+
+/// Waits (up to `secs`) until `router`'s health is `status`.
+async fn wait_health(router: &RouterProcess, status: i32, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let now = ingest_health(router).await;
+        if now == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health stayed {now}, not {status}, for {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The database goes away while a router runs: publishing answers
+/// UNAVAILABLE, health turns NOT_SERVING; once it is back, health is SERVING
+/// again, publishing works and the events published before and after reach
+/// the webhook, without a restart of the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_unavailable_then_heals_by_itself() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let (serving, not_serving) = (
+        ServingStatus::Serving as i32,
+        ServingStatus::NotServing as i32,
+    );
+    // The test stops the server: no other test may use it meanwhile.
+    let db = TestDb::create_exclusive().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_cluster_config(dir.path(), &db.url, LEASE_TTL_MS, "");
+    let router = RouterProcess::start(&config);
+    let listener = Listener::ok().await;
+    let mut admin = router.admin().await;
+    create(
+        &mut admin,
+        1010,
+        webhook("outage", &listener.url(), &[REALTIME], no_auth()),
+    )
+    .await;
+    let mut ingest = router.ingest().await;
+    publish(&mut ingest, 1010, vec![event("before", REALTIME, 1)]).await;
+    listener.wait_events(1, Duration::from_secs(15)).await;
+    assert_eq!(ingest_health(&router).await, serving);
+
+    let took = stop_server();
+    println!("PostgreSQL stopped in {took:?}");
+    let refused = ingest
+        .publish_events(PublishEventsRequest {
+            account_id: 1010,
+            events: vec![event("during", REALTIME, 2)],
+        })
+        .await
+        .expect_err("publishing without a database");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    wait_health(&router, not_serving, 10).await;
+
+    let took = start_server();
+    println!("PostgreSQL started again in {took:?}");
+    wait_health(&router, serving, 20).await;
+    wait_database_back(&router).await;
+    publish(&mut ingest, 1010, vec![event("after", REALTIME, 3)]).await;
+    let got = listener
+        .wait_until(Duration::from_secs(20), |reqs| {
+            reqs.iter()
+                .flat_map(|r| r.event_ids())
+                .any(|id| id == "after")
+        })
+        .await;
+    let ids: Vec<String> = got.iter().flat_map(|r| r.event_ids()).collect();
+    assert!(ids.contains(&"after".to_string()), "{ids:?}");
+    assert!(
+        !ids.contains(&"during".to_string()),
+        "a refused event was delivered"
+    );
 }

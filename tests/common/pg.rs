@@ -105,14 +105,13 @@ impl Drop for TestDb {
     }
 }
 
-/// Restarts the test server at once (`pg_ctl restart -m immediate`: no
-/// checkpoint, crash recovery at start), as `.ci/postgres.sh` describes.
-/// Only from a test holding a [`TestDb::create_exclusive`] database.
-/// Panics when the server was not started by `.ci/postgres.sh`.
-pub fn restart_server_immediately() -> Duration {
+/// Runs `pg_ctl <action> …` on the test server as `.ci/postgres.sh`
+/// describes (its owner, its data folder, options and log); returns how long
+/// it took. Only from a test holding a [`TestDb::create_exclusive`] database.
+fn pg_ctl(action: &[&str]) -> Duration {
     let var = |k: &str| {
         std::env::var(k).unwrap_or_else(|_| {
-            panic!("{k} is not set: restarting PostgreSQL needs the server .ci/postgres.sh starts")
+            panic!("{k} is not set: controlling PostgreSQL needs the server .ci/postgres.sh starts")
         })
     };
     let (ctl, data, opts, log) = (
@@ -129,15 +128,32 @@ pub fn restart_server_immediately() -> Duration {
         c.args(["-u", &user, "--", &ctl]);
         c
     };
-    cmd.args(["restart", "-D", &data, "-m", "immediate", "-w", "-t", "60"])
+    cmd.args(action)
+        .args(["-D", &data, "-w", "-t", "60"])
         .args(["-l", &log, "-o", &opts]);
     let started = std::time::Instant::now();
     let out = cmd.output().expect("run pg_ctl");
     assert!(
         out.status.success(),
-        "pg_ctl restart failed: {}{}",
+        "pg_ctl {action:?} failed: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     started.elapsed()
+}
+
+/// Restarts the test server at once (`pg_ctl restart -m immediate`: no
+/// checkpoint, crash recovery at start).
+pub fn restart_server_immediately() -> Duration {
+    pg_ctl(&["restart", "-m", "immediate"])
+}
+
+/// Stops the test server (`-m immediate`, as a crash would).
+pub fn stop_server() -> Duration {
+    pg_ctl(&["stop", "-m", "immediate"])
+}
+
+/// Starts the test server again after [`stop_server`].
+pub fn start_server() -> Duration {
+    pg_ctl(&["start"])
 }
