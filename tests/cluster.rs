@@ -313,6 +313,9 @@ async fn a_database_outage_is_unavailable_then_heals_by_itself() {
 
     let took = stop_server();
     println!("PostgreSQL stopped in {took:?}");
+    // Started again even if an assertion below fails, so the tests after
+    // this one find their server.
+    let mut down = ServerDown(true);
     let refused = ingest
         .publish_events(PublishEventsRequest {
             account_id: 1010,
@@ -324,6 +327,7 @@ async fn a_database_outage_is_unavailable_then_heals_by_itself() {
     wait_health(&router, not_serving, 10).await;
 
     let took = start_server();
+    down.0 = false;
     println!("PostgreSQL started again in {took:?}");
     wait_health(&router, serving, 20).await;
     wait_database_back(&router).await;
@@ -341,4 +345,22 @@ async fn a_database_outage_is_unavailable_then_heals_by_itself() {
         !ids.contains(&"during".to_string()),
         "a refused event was delivered"
     );
+    assert!(
+        !router
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("starting again after a storage failure")),
+        "the router healed by restarting itself"
+    );
+}
+
+/// Starts the test server on drop while `.0` says it is stopped.
+struct ServerDown(bool);
+
+impl Drop for ServerDown {
+    fn drop(&mut self) {
+        if self.0 {
+            start_server();
+        }
+    }
 }

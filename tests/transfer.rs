@@ -1,7 +1,8 @@
 //! `webhook-router export` and `import` with the real binary: webhooks of a
-//! sled folder (signature, Basic and no auth) move to another store with
-//! their ids, settings and secrets; the export file is private (0600); a
-//! second import changes nothing.
+//! sled folder (signature, Basic and no auth) move to another sled folder or
+//! to PostgreSQL with their ids, settings and secrets; the export file is
+//! private (0600, also when it existed before); a second import changes
+//! nothing. And an unreachable PostgreSQL stops the start, the key named.
 
 use std::path::Path;
 use std::process::Command;
@@ -101,6 +102,10 @@ async fn assert_moved(target: &RouterProcess, made: &[Webhook], secret: &str) {
 /// Exports `source` (a config) to a file in `dir`; checks its mode.
 fn export(source: &Path, dir: &Path) -> std::path::PathBuf {
     let file = dir.join("webhooks.jsonl");
+    // An older file of the same name, readable by all: replaced, and narrowed.
+    std::fs::write(&file, "old").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = run(&[
         "export",
         "--config",
@@ -109,7 +114,6 @@ fn export(source: &Path, dir: &Path) -> std::path::PathBuf {
         file.to_str().unwrap(),
     ]);
     assert!(out.contains("exported 3 webhooks"), "{out}");
-    use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the export holds secrets: owner only");
     file
@@ -142,4 +146,45 @@ async fn webhooks_move_from_one_sled_folder_to_another() {
     );
     let router = RouterProcess::start(&target);
     assert_moved(&router, &made, &secret).await;
+}
+
+#[tokio::test]
+async fn webhooks_move_from_a_sled_folder_to_postgres() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (made, secret) = source_router(a.path()).await;
+    let file = export(&a.path().join("config.toml"), b.path());
+    let db = crate::common::pg::TestDb::create().await;
+    let target = crate::common::process::write_cluster_config(b.path(), &db.url, 2_000, "");
+    let imported = run(&[
+        "import",
+        "--config",
+        target.to_str().unwrap(),
+        "--in",
+        file.to_str().unwrap(),
+    ]);
+    assert!(imported.contains("imported 3 webhooks"), "{imported}");
+    let router = RouterProcess::start(&target);
+    assert_moved(&router, &made, &secret).await;
+}
+
+/// A PostgreSQL that cannot be reached stops the start: exit 1, the key
+/// named, the password not shown.
+#[test]
+fn an_unreachable_database_stops_the_start_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::common::process::write_cluster_config(
+        dir.path(),
+        "postgres://router:hunter2@127.0.0.1:1/webhooks",
+        2_000,
+        "",
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .expect("run webhook-router");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("storage.postgres_url"), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
 }

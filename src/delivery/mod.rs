@@ -175,7 +175,13 @@ impl Dispatcher {
         };
         let (secret, webhook) = match loaded {
             Ok(Some(found)) => found,
-            Ok(None) => return,
+            // Gone: deleted, here or by another router sharing the store
+            // (which only says so through the change feed). Its lanes stop
+            // at once, attempts and retry waits included.
+            Ok(None) => {
+                self.stop_lanes(webhook_id).await;
+                return;
+            }
             Err(e) => {
                 tracing::error!(webhook_id, error = %e, "cannot load webhook for delivery");
                 return;
@@ -249,6 +255,22 @@ impl Dispatcher {
                 t.abort();
                 let _ = t.await;
             }
+        }
+    }
+
+    /// Ends the lanes of a webhook that no longer exists (no-op without any).
+    async fn stop_lanes(&self, webhook_id: &str) {
+        let set = {
+            let mut lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            lanes.sets.remove(webhook_id)
+        };
+        if let Some(set) = set {
+            set.settings.send_replace(None);
+            for t in set.tasks {
+                t.abort();
+                let _ = t.await;
+            }
+            self.inner.metrics.forget_webhook(webhook_id);
         }
     }
 

@@ -255,7 +255,7 @@ pub trait StoreHealth {
 }
 
 /// Which backend to open, and how.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Backend {
     /// The embedded database in `dir`.
     Sled {
@@ -271,6 +271,24 @@ pub enum Backend {
         /// `storage.lease_ttl_ms`.
         lease_ttl: std::time::Duration,
     },
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Sled { dir } => f.debug_struct("Sled").field("dir", dir).finish(),
+            Backend::Postgres {
+                url,
+                pool_size,
+                lease_ttl,
+            } => f
+                .debug_struct("Postgres")
+                .field("url", &crate::config::mask_url_password(url))
+                .field("pool_size", pool_size)
+                .field("lease_ttl", lease_ttl)
+                .finish(),
+        }
+    }
 }
 
 /// Handle to the storage backend in use; cheap to clone.

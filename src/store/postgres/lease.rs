@@ -107,6 +107,9 @@ impl PgStore {
             if *ok {
                 kept += 1;
             } else if h.lose(Some(*epoch)) {
+                // The renewal is a lane write conditional on the epoch too:
+                // refused, it counts as fenced like any other.
+                self.count_fenced(1);
                 h.sync_now();
                 tracing::warn!(
                     webhook_id = %h.key.webhook_id,
