@@ -46,6 +46,8 @@ pub struct Config {
     pub tls: Tls,
     /// Storage options: encryption at rest of secrets and passwords.
     pub storage: Storage,
+    /// The web console (off unless `console.listen` is set).
+    pub console: ConsoleConfig,
 }
 
 /// `[limits]`
@@ -251,6 +253,39 @@ pub struct MetricsConfig {
     pub listen: Option<String>,
 }
 
+/// `[console]`: the web console's own HTTP listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Address of the console listener (IP:port); absent: no console.
+    pub listen: Option<String>,
+    /// Serve the console over TLS with the `[tls]` certificate. Absent:
+    /// whenever `[tls]` is configured.
+    pub tls: Option<bool>,
+    /// A signed-in browser session ends after this long without a request.
+    pub session_idle_timeout_ms: u64,
+    /// Most console sessions kept at once; the oldest is signed out first.
+    pub max_sessions: u32,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            listen: None,
+            tls: None,
+            session_idle_timeout_ms: 30 * 60 * 1000,
+            max_sessions: 1000,
+        }
+    }
+}
+
+impl ConsoleConfig {
+    /// Whether the console listener uses TLS under `config`.
+    pub fn uses_tls(&self, tls: &Tls) -> bool {
+        self.tls.unwrap_or_else(|| tls.enabled())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -264,6 +299,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             tls: Tls::default(),
             storage: Storage::default(),
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -511,6 +547,29 @@ impl Config {
                     "must be an IP:port socket address, e.g. 127.0.0.1:9090",
                 );
             }
+        }
+        if let Some(addr) = &self.console.listen {
+            if addr.parse::<SocketAddr>().is_err() {
+                return bad(
+                    "console.listen",
+                    "must be an IP:port socket address, e.g. 127.0.0.1:8080",
+                );
+            }
+            if self.console.tls == Some(true) && !self.tls.enabled() {
+                return bad(
+                    "console.tls",
+                    "needs tls.cert_path and tls.key_path (the console uses the same certificate)",
+                );
+            }
+        }
+        if !(60_000..=7 * 24 * 3600 * 1000).contains(&self.console.session_idle_timeout_ms) {
+            return bad(
+                "console.session_idle_timeout_ms",
+                "must be 60000..=604800000 (1 minute to 7 days)",
+            );
+        }
+        if self.console.max_sessions == 0 {
+            return bad("console.max_sessions", "must be at least 1");
         }
         let mut names = HashSet::new();
         for (i, e) in self.event_types.iter().enumerate() {
