@@ -12,6 +12,7 @@
 //! - [`api`]: the WebhookAdmin and EventIngest services and token authentication.
 //! - [`delivery`]: lanes, the tower stack (retry, rate limit, auth, timeout), the HTTP client,
 //!   signatures and the destination guard.
+//! - [`console`]: the web console: the WebhookAdmin screens in a browser, on their own listener.
 //! - [`server`]: wiring: builds the services and serves them until shutdown.
 //! - [`telemetry`]: logging setup.
 //! - [`transfer`]: moving webhooks between stores (`export` / `import`).
@@ -22,6 +23,7 @@
 
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod delivery;
 pub mod domain;
 pub mod error;

@@ -90,6 +90,24 @@ pub async fn run_with_metrics_listener(
         metrics: metrics.clone(),
     };
 
+    let console = match &config.console.listen {
+        Some(addr) => {
+            let acceptor = crate::console::tls_acceptor(&config)?;
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                Error::Unavailable(format!("cannot listen on {addr} (console.listen): {e}"))
+            })?;
+            let api = crate::console::api::AdminApi::new(
+                AdminService::new(state.clone()),
+                tokens.clone(),
+            );
+            Some((
+                Arc::new(crate::console::Console::new(api, &config)),
+                listener,
+                acceptor,
+            ))
+        }
+        None => None,
+    };
     let admin = InterceptedService::new(
         WebhookAdminServer::new(AdminService::new(state.clone()))
             .max_decoding_message_size(max_message_bytes),
@@ -175,6 +193,14 @@ pub async fn run_with_metrics_listener(
     let mut graceful = signal_rx.clone();
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::metrics::serve(metrics, l, signal_rx.clone()));
+    }
+    if let Some((console, listener, acceptor)) = console {
+        tokio::spawn(crate::console::serve(
+            console,
+            listener,
+            acceptor,
+            signal_rx.clone(),
+        ));
     }
     let limits = &config.limits;
     let keepalive = (limits.http2_keepalive_interval_ms > 0)

@@ -671,8 +671,8 @@ def scenario(
     with page.expect_download(timeout=UI_TIMEOUT_MS) as info:
         page.get_by_role("button", name="Download signature", exact=True).click()
     download = info.value
-    if download.suggested_filename != "webhook-signature.json":
-        raise TestFailure(f"the download is named {download.suggested_filename!r}, not webhook-signature.json")
+    if download.suggested_filename != f"{signed_id}-signature.json":
+        raise TestFailure(f"the download is named {download.suggested_filename!r}, not {signed_id}-signature.json")
     saved = c.screenshots / "webhook-signature.json"
     download.save_as(str(saved))
     doc = json.loads(saved.read_text())
