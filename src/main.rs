@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use webhook_router::config::Config;
 
-// sled allocates per key; mimalloc measured faster than the system allocator (BENCHMARKS.md).
+// sled allocates per key; mimalloc measured faster than the system allocator (docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -1,5 +1,5 @@
 //! Hostile and malformed input against a real router: each case is answered
-//! as the README's "Hostile input" table says, the server keeps serving, and
+//! as the "Hostile input" table of docs/security.md says, the server keeps serving, and
 //! nothing of a refused request is stored. Messages that a well-behaved
 //! client cannot even build (strings that are not UTF-8, `data` nested
 //! thousands of levels deep) are hand-encoded and sent as raw bytes.
@@ -197,7 +197,7 @@ async fn deeply_nested_data_is_invalid_argument_at_a_documented_depth() {
         .await
         .unwrap_or_else(|s| panic!("{MAX_DATA_NESTING} levels are accepted: {s:?}"));
 
-    // The boundary is exactly where the README says.
+    // The boundary is exactly where docs/security.md says.
     let mut first_refused = None;
     for depth in MAX_DATA_NESTING..=MAX_DATA_NESTING + 40 {
         let e = raw_event(

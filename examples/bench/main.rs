@@ -1,6 +1,6 @@
 //! Reproducible benchmark of the router: a real router process on a temp
 //! data folder, an HTTP sink on loopback and a gRPC load generator, one
-//! scenario per run. See BENCHMARKS.md for the method and the results.
+//! scenario per run. See docs/benchmarks.md for the method and the results.
 //!
 //! ```text
 //! cargo run --release --example bench -- ingest     [--events N] [--backend postgres [--routers N]]
@@ -31,7 +31,7 @@ use router::{base_config, Router};
 use sink::Sink;
 use webhook_router::proto::v1 as pb;
 
-// sled allocates per key; mimalloc measured faster than the system allocator (BENCHMARKS.md).
+// sled allocates per key; mimalloc measured faster than the system allocator (docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -16,8 +16,8 @@ at least once, and a payload sent again keeps its ``webhook-id``.
 
 Run it on its own (Python 3.9+, ``pip install standardwebhooks``):
 
-    python3 listener.py --port 8080 --secret whsec_...
-    python3 listener.py --port 8080 --basic-user erp --basic-password s3cret
+    python3 listener.py --port 8000 --secret whsec_...
+    python3 listener.py --port 8000 --basic-user erp --basic-password s3cret
 
 or import ``WebhookListener`` (examples/python/example.py does).
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import hmac
 import http.server
 import json
@@ -37,6 +38,29 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 # The router sends at most this much; refuse larger bodies unread.
 MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def check_secret(secret: str) -> str:
+    """Returns ``secret`` if it is a signing secret as GetWebhookSecret
+    returns it (``whsec_`` and base64), else raises ValueError saying what
+    is wrong, so a mistyped or placeholder secret fails at start instead of
+    failing every request."""
+    if not secret.startswith("whsec_"):
+        raise ValueError(
+            "the secret must be the whsec_... value from GetWebhookSecret "
+            f"(got {secret[:12]!r}{'...' if len(secret) > 12 else ''})"
+        )
+    rest = secret[len("whsec_"):]
+    try:
+        key = base64.b64decode(rest.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        key = b""
+    if not key:
+        raise ValueError(
+            "the part after whsec_ must be base64 (A-Z, a-z, 0-9, +, /, =), "
+            "copied whole from GetWebhookSecret's \"secret\" field"
+        )
+    return secret
 
 
 class WebhookListener:
@@ -53,7 +77,7 @@ class WebhookListener:
         basic_password: Optional[str] = None,
         on_event: Optional[Callable[[dict, str], None]] = None,
     ) -> None:
-        self.secret = secret
+        self.secret = check_secret(secret) if secret is not None else None
         self.basic = (basic_user, basic_password) if basic_user is not None else None
         self.on_event = on_event or (lambda event, delivery_id: None)
         self.seen_deliveries: set[str] = set()
@@ -91,7 +115,8 @@ class WebhookListener:
         self.server.server_close()
 
     def set_secret(self, secret: str) -> None:
-        """Switches signature verification on, with this ``whsec_…`` secret."""
+        """Switches signature verification on, with this ``whsec_...`` secret."""
+        check_secret(secret)
         with self._lock:
             self.secret = secret
 
@@ -139,10 +164,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--secret", help="whsec_… secret from GetWebhookSecret (signature auth)")
+    p.add_argument("--secret", help="whsec_... secret from GetWebhookSecret (signature auth)")
     p.add_argument("--basic-user", help="Basic auth username")
     p.add_argument("--basic-password", default="", help="Basic auth password")
     args = p.parse_args()
+    if args.secret is not None:
+        try:
+            check_secret(args.secret)
+        except ValueError as e:
+            p.error(f"--secret: {e}")
 
     def show(event: dict, delivery_id: str) -> None:
         print(json.dumps({"delivery": delivery_id, **event}), flush=True)

@@ -53,7 +53,7 @@ impl Service<Name> for GuardedResolver {
 type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
 
 /// The innermost service: hyper's pooled client (measured faster than
-/// reqwest, see BENCHMARKS.md); hyper never follows redirects.
+/// reqwest, see docs/benchmarks.md); hyper never follows redirects.
 #[derive(Clone)]
 pub struct HttpClient {
     client: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
