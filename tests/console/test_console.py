@@ -712,6 +712,21 @@ def scenario(
     expect(row).to_contain_text("Active")
     c.shot("webhooks-delivered")
 
+    print("live view: a delivery appears as it happens")
+    c.goto_webhook(signed_name)
+    page.get_by_role("link", name="Delivery log", exact=True).click()
+    c.heading("Delivery log")
+    expect(page.locator("#live-status"), "the live view connects").to_contain_text("Connected")
+    live_event = f"console-live-{secrets.token_hex(6)}"
+    publish(router, ACCOUNT_1, live_event, SIGNED_EVENT)
+    recording.wait_for_event(live_event, 200)
+    live_item = page.locator("#live li").filter(has_text=re.compile(r"Delivered msg_\w+ HTTP 200 \d+ ms"))
+    expect(live_item.first, "the live list shows the delivery without a reload").to_be_visible(
+        timeout=DELIVERY_TIMEOUT * 1000
+    )
+    print(f"  live: {live_item.first.inner_text().strip()}")
+    c.shot("delivery-log-live")
+
     print("retire and re-activate")
     c.goto_webhook(signed_name)
     expect(page.get_by_role("heading", name="Deliveries per minute, last hour")).to_be_visible()
@@ -795,6 +810,40 @@ def scenario(
     expect(reason).to_contain_text(str(MAX_WEBHOOKS))
     print(f"  limit reason: {reason.inner_text().strip()}")
     c.shot("webhooks-limit-reached")
+    # The form itself (reached by its address) gets the API's refusal in words.
+    page.goto(f"{c.base}{a1}/new")
+    c.heading("Add Webhook")
+    c.fill_form(f"Acct1 sixth {suffix_of(signed_name)}", recording.url, [FILLER_EVENT])
+    c.save()
+    c.alert("Limit reached:")
+    expect(page.get_by_role("alert").filter(has_text="Limit reached:")).to_contain_text(
+        "limits.max_webhooks_per_account"
+    )
+    print(f"  sixth webhook: {page.get_by_role('alert').filter(has_text='Limit reached:').inner_text().strip()}")
+    c.shot("add-webhook-sixth-refused")
+    c.goto_list()
+    expect(c.list_row(f"Acct1 sixth {suffix_of(signed_name)}"), "the sixth webhook was not created").to_have_count(0)
+
+    print("375 px wide: no page scrolls sideways")
+    page.set_viewport_size({"width": 375, "height": 800})
+    for label, path in [
+        ("webhooks", a1),
+        ("add-form", f"{a1}/new"),
+        ("webhook", None),
+        ("delivery-log", None),
+    ]:
+        if path is not None:
+            page.goto(c.base + path)
+        elif label == "webhook":
+            c.goto_webhook(signed_name)
+        else:
+            page.get_by_role("link", name="Delivery log", exact=True).click()
+        page.wait_for_load_state("load")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        if width > 375:
+            raise TestFailure(f"the {label} page is {width} px wide at a 375 px viewport")
+        c.shot(f"narrow-{label}")
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     print("delete one after the confirmation page")
     doomed = filler_names[-1]
@@ -815,7 +864,31 @@ def scenario(
     print("sign out; account 2 sees none of account 1's webhooks")
     c.sign_out()
     c.shot("signed-out")
-    c.sign_in(ADMIN_2, ACCOUNT_2)
+    # By keyboard only: Tab reaches each control, each shows a focus outline.
+    page.goto(c.base + "/")
+    c.heading("Sign in")
+    reached = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        info = page.evaluate(
+            """() => { const e = document.activeElement; const s = getComputedStyle(e);
+                return [e.id || e.textContent.trim(), s.outlineStyle, s.outlineWidth]; }"""
+        )
+        reached.append(info[0])
+        if info[1] == "none" or info[2] in ("0px", ""):
+            raise TestFailure(f"no visible focus outline on {info[0]!r}: {info}")
+        if info[0] == "f-token":
+            page.keyboard.type(ADMIN_2)
+        elif info[0] == "f-account":
+            page.keyboard.press("Control+A")
+            page.keyboard.type(str(ACCOUNT_2))
+        elif info[0] == "Sign in":
+            page.keyboard.press("Enter")
+            break
+    else:
+        raise TestFailure(f"Tab never reached the Sign in button; focus went through {reached}")
+    print(f"  keyboard: Tab went through {reached}")
+    page.wait_for_load_state("load")
     c.heading("Webhooks")
     c.signed_in_header(ACCOUNT_2)
     c.no_alert()
@@ -835,6 +908,11 @@ def scenario(
         if name in content:
             raise TestFailure(f"account 2's token was shown account 1's webhook {name!r}")
     c.shot("account-1-with-account-2-token")
+
+
+def suffix_of(name: str) -> str:
+    """The random suffix the scenario's webhook names end with."""
+    return name.rsplit(" ", 1)[-1]
 
 
 def where(e: BaseException) -> str:
