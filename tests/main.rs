@@ -14,6 +14,7 @@ mod cli;
 mod cluster;
 mod concurrency;
 mod conformance;
+mod console;
 mod cpu_cost;
 mod crash;
 mod delivery;

@@ -1351,7 +1351,7 @@ mod tests {
         let w = f.to_webhook("wh_1");
         assert_eq!(w.target_url, "https://crm.example.com/h");
         assert_eq!(w.event_types, ["A", "B"]);
-        match w.auth.unwrap().method.unwrap() {
+        match w.auth.clone().unwrap().method.unwrap() {
             Method::Basic(b) => assert_eq!((b.username.as_str(), b.password.as_str()), ("u", "p")),
             other => panic!("{other:?}"),
         }

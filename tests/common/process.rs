@@ -205,8 +205,30 @@ impl RouterProcess {
 
     /// The `/metrics` address from the `metrics listener serving` line.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.logged_addr("metrics listener serving")
+    }
+
+    /// The web console's address, from its `console listening addr=…` line;
+    /// waits up to 10 s for it.
+    pub fn console_addr(&self) -> std::net::SocketAddr {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(a) = self.logged_addr("console listening") {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no `console listening` line within 10 s; log:\n{}",
+                self.log_lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The `addr=` of the last log line containing `needle`.
+    pub fn logged_addr(&self, needle: &str) -> Option<std::net::SocketAddr> {
         self.log_lines().iter().rev().find_map(|l| {
-            if !l.contains("metrics listener serving") {
+            if !l.contains(needle) {
                 return None;
             }
             let i = l.find("addr=")?;
