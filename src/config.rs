@@ -457,8 +457,7 @@ fn walk_toml_table(
 ) {
     for (name, item) in table.iter() {
         let path = join_key(prefix, name);
-        let key_line = line(table.key(name).and_then(|k| k.span()))
-            .or_else(|| line(item.span()));
+        let key_line = line(table.key(name).and_then(|k| k.span())).or_else(|| line(item.span()));
         walk_toml_item(item, &path, key_line, line, out);
     }
 }
@@ -531,7 +530,11 @@ fn join_key(prefix: &str, name: &str) -> String {
 /// A deserialization error of the value at `path` as one line for the
 /// operator: `key (source): expected …, got …`.
 fn describe_load_error(sources: &Sources, path: &str, message: &str) -> String {
-    let mut key = if path == "." { String::new() } else { path.to_string() };
+    let mut key = if path == "." {
+        String::new()
+    } else {
+        path.to_string()
+    };
     let why = if let Some(rest) = message.strip_prefix("unknown field `") {
         // serde_path_to_error's path already ends with the unknown key.
         let name = rest.split('`').next().unwrap_or_default();
@@ -554,7 +557,7 @@ fn describe_load_error(sources: &Sources, path: &str, message: &str) -> String {
         let within = key.clone();
         key = join_key(&key, name);
         return match sources.of(&within) {
-            Some(source) => format!("{key} (in the table {source}): is required"),
+            Some(source) => format!("{key} ({source}): is required"),
             None => format!("{key}: is required"),
         };
     } else if let Some(rest) = message.strip_prefix("unknown variant `") {
@@ -752,8 +755,8 @@ impl Config {
             let path = apply_env_override(&mut table, &key, &value)?;
             sources.env.push((path, key));
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| {
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let path = e.path().to_string();
                 let message = e.into_inner().message().to_string();
                 ConfigError(describe_load_error(&sources, &path, &message))
@@ -1192,7 +1195,10 @@ mod tests {
         let e = load(&[("WEBHOOK_ROUTER__LIMITS__MAX_REQUEST_BYTES", "2048")]).unwrap_err();
         assert!(e.0.starts_with("limits.max_request_bytes (from "), "{e}");
         let e = load(&[("WEBHOOK_ROUTER__LIMITS__MAX_CONCURRENT_REQUESTS", "0")]).unwrap_err();
-        assert!(e.0.starts_with("limits.max_concurrent_requests (from "), "{e}");
+        assert!(
+            e.0.starts_with("limits.max_concurrent_requests (from "),
+            "{e}"
+        );
         let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
         let c = load(&[("WEBHOOK_ROUTER__STORAGE__SECRET_KEY", key)]).unwrap();
         assert_eq!(c.storage.secret_key_bytes().unwrap()[31], 31);
@@ -1264,7 +1270,8 @@ mod tests {
             (16, 10_000)
         );
         let e = Config::load_with_env(None, env(&[("STORAGE__BACKEND", "postgres")])).unwrap_err();
-        assert!(e.0.starts_with("storage.postgres_url (from "), "{e}");
+        // Not set anywhere: no source to name.
+        assert!(e.0.starts_with("storage.postgres_url: must be set"), "{e}");
         let e = Config::load_with_env(
             None,
             env(&[
@@ -1360,7 +1367,10 @@ mod tests {
         // The environment wins over the file, and is named as the source.
         let (_d, path) = file("listen = \"127.0.0.1:1\"\n");
         let e = load_file(&path, &[("WEBHOOK_ROUTER__LISTEN", "7")]).unwrap_err();
-        assert!(e.0.starts_with("listen (from WEBHOOK_ROUTER__LISTEN): expected a string"), "{e}");
+        assert!(
+            e.0.starts_with("listen (from WEBHOOK_ROUTER__LISTEN): expected a string"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -216,7 +216,9 @@ impl Catalog {
     pub fn unknown_type_reason(&self, name: &str) -> String {
         let shown = crate::domain::webhook::truncate(name, 80);
         match self.suggest(name) {
-            Some(s) => format!("unknown event type {shown:?}; did you mean {s}? (see ListEventTypes)"),
+            Some(s) => {
+                format!("unknown event type {shown:?}; did you mean {s}? (see ListEventTypes)")
+            }
             None => format!("unknown event type {shown:?} (see ListEventTypes)"),
         }
     }
