@@ -344,6 +344,343 @@ impl Default for Delivery {
     }
 }
 
+/// A loaded configuration and what was odd about where it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration, validated.
+    pub config: Config,
+    /// Things that did not stop the load but probably are mistakes, such as
+    /// `WEBHOOK_ROUTER_LISTEN` (one underscore: not read).
+    pub warnings: Vec<String>,
+}
+
+/// Set by the binary when it re-executes itself after a storage failure;
+/// not a config variable (one `_`).
+pub const REEXEC_ENV: &str = "WEBHOOK_ROUTER_REEXECS";
+
+/// A warning for `name` if it looks meant as a config variable but has the
+/// prefix with one underscore (`WEBHOOK_ROUTER_LISTEN`), so it is not read.
+/// The variables of the test suite and benchmarks
+/// (`WEBHOOK_ROUTER_TEST_*`, `WEBHOOK_ROUTER_BENCH_*`) are left alone.
+fn misspelled_prefix_warning(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("WEBHOOK_ROUTER_")?;
+    if rest.is_empty()
+        || name == REEXEC_ENV
+        || rest.starts_with("TEST_")
+        || rest.starts_with("BENCH_")
+    {
+        return None;
+    }
+    let meant = format!("{ENV_PREFIX}{}", rest.trim_start_matches('_'));
+    Some(format!(
+        "environment variable {name} is not read: config variables start with \
+         {ENV_PREFIX} (two underscores), e.g. {meant}"
+    ))
+}
+
+/// Where each key's value came from, for error messages.
+#[derive(Debug, Default)]
+struct Sources {
+    /// The config file as named on the command line.
+    file: String,
+    /// Key paths set in the file (`delivery.allow_private_targets`,
+    /// `tokens[0].role`), with their line.
+    file_lines: Vec<(String, usize)>,
+    /// Key paths set by environment variables, with the variable's name.
+    env: Vec<(String, String)>,
+}
+
+impl Sources {
+    fn add_file(&mut self, path: &Path, text: &str) {
+        self.file = path.display().to_string();
+        if let Ok(doc) = toml_edit::ImDocument::parse(text) {
+            let line = |span: Option<std::ops::Range<usize>>| {
+                span.map(|r| text[..r.start.min(text.len())].matches('\n').count() + 1)
+            };
+            walk_toml_table(doc.as_table(), "", &line, &mut self.file_lines);
+        }
+    }
+
+    /// Where the value at `key` came from: `config.toml line 3` or `from
+    /// WEBHOOK_ROUTER__LISTEN`; None for a default.
+    fn of(&self, key: &str) -> Option<String> {
+        let covers = |set: &str| {
+            key == set
+                || key
+                    .strip_prefix(set)
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        };
+        let within = |set: &str| {
+            set.strip_prefix(key)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        };
+        // A variable replaces everything below its key, so it wins.
+        if let Some((_, var)) = self.env.iter().find(|(set, _)| covers(set)) {
+            return Some(format!("from {var}"));
+        }
+        if let Some((_, line)) = self
+            .file_lines
+            .iter()
+            .filter(|(set, _)| covers(set))
+            .max_by_key(|(set, _)| set.len())
+        {
+            return Some(format!("{} line {line}", self.file));
+        }
+        // A section named as a whole (`tls`): where its keys were set.
+        if let Some((_, var)) = self.env.iter().find(|(set, _)| within(set)) {
+            return Some(format!("from {var}"));
+        }
+        self.file_lines
+            .iter()
+            .find(|(set, _)| within(set))
+            .map(|(_, line)| format!("{} line {line}", self.file))
+    }
+
+    /// `key: why` as `key (source): why`, when the source is known.
+    fn annotate(&self, message: &str) -> String {
+        match message.split_once(": ") {
+            Some((key, why)) if !key.contains(' ') => match self.of(key) {
+                Some(source) => format!("{key} ({source}): {why}"),
+                None => message.to_string(),
+            },
+            _ => message.to_string(),
+        }
+    }
+}
+
+/// Records the line of every key in `table` (and below) under `prefix`.
+fn walk_toml_table(
+    table: &toml_edit::Table,
+    prefix: &str,
+    line: &dyn Fn(Option<std::ops::Range<usize>>) -> Option<usize>,
+    out: &mut Vec<(String, usize)>,
+) {
+    for (name, item) in table.iter() {
+        let path = join_key(prefix, name);
+        let key_line = line(table.key(name).and_then(|k| k.span())).or_else(|| line(item.span()));
+        walk_toml_item(item, &path, key_line, line, out);
+    }
+}
+
+fn walk_toml_item(
+    item: &toml_edit::Item,
+    path: &str,
+    key_line: Option<usize>,
+    line: &dyn Fn(Option<std::ops::Range<usize>>) -> Option<usize>,
+    out: &mut Vec<(String, usize)>,
+) {
+    match item {
+        toml_edit::Item::Table(t) => {
+            if let Some(l) = key_line.or_else(|| line(t.span())) {
+                out.push((path.to_string(), l));
+            }
+            walk_toml_table(t, path, line, out);
+        }
+        toml_edit::Item::ArrayOfTables(a) => {
+            if let Some(l) = key_line.or_else(|| line(a.span())) {
+                out.push((path.to_string(), l));
+            }
+            for (i, t) in a.iter().enumerate() {
+                let at = format!("{path}[{i}]");
+                if let Some(l) = line(t.span()) {
+                    out.push((at.clone(), l));
+                }
+                walk_toml_table(t, &at, line, out);
+            }
+        }
+        toml_edit::Item::Value(v) => walk_toml_value(v, path, key_line, line, out),
+        toml_edit::Item::None => {}
+    }
+}
+
+fn walk_toml_value(
+    value: &toml_edit::Value,
+    path: &str,
+    at_line: Option<usize>,
+    line: &dyn Fn(Option<std::ops::Range<usize>>) -> Option<usize>,
+    out: &mut Vec<(String, usize)>,
+) {
+    if let Some(l) = at_line.or_else(|| line(value.span())) {
+        out.push((path.to_string(), l));
+    }
+    match value {
+        toml_edit::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                walk_toml_value(v, &format!("{path}[{i}]"), None, line, out);
+            }
+        }
+        toml_edit::Value::InlineTable(t) => {
+            for (name, v) in t.iter() {
+                let key_line = line(t.key(name).and_then(|k| k.span()));
+                walk_toml_value(v, &join_key(path, name), key_line, line, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn join_key(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// A deserialization error of the value at `path` as one line for the
+/// operator: `key (source): expected …, got …`.
+fn describe_load_error(sources: &Sources, path: &str, message: &str) -> String {
+    let mut key = if path == "." {
+        String::new()
+    } else {
+        path.to_string()
+    };
+    let why = if let Some(rest) = message.strip_prefix("unknown field `") {
+        // serde_path_to_error's path already ends with the unknown key.
+        let name = rest.split('`').next().unwrap_or_default();
+        if !(key == name || key.ends_with(&format!(".{name}"))) {
+            key = join_key(&key, name);
+        }
+        let section = key
+            .strip_suffix(name)
+            .unwrap_or_default()
+            .trim_end_matches('.');
+        let known = backticked(rest.split_once("expected").map_or("", |(_, l)| l));
+        let place = match section.split_once('[') {
+            _ if section.is_empty() => "known top-level keys".to_string(),
+            Some((list, _)) => format!("known keys in [[{list}]]"),
+            None => format!("known keys in [{section}]"),
+        };
+        format!("unknown key; {place}: {}", known.join(", "))
+    } else if let Some(rest) = message.strip_prefix("missing field `") {
+        let name = rest.split('`').next().unwrap_or_default();
+        let within = key.clone();
+        key = join_key(&key, name);
+        return match sources.of(&within) {
+            Some(source) => format!("{key} ({source}): is required"),
+            None => format!("{key}: is required"),
+        };
+    } else if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let (got, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let forms: Vec<String> = backticked(expected)
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .collect();
+        format!("expected one of {}, got {got:?}", forms.join(", "))
+    } else if let Some((got, expected)) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .and_then(|m| m.split_once(", expected "))
+    {
+        let from_env = sources.of(&key).is_some_and(|s| s.starts_with("from "));
+        format!(
+            "expected {}, got {}",
+            expected_form(&key, expected, from_env),
+            got_form(got)
+        )
+    } else {
+        message.to_string()
+    };
+    match (key.is_empty(), sources.of(&key)) {
+        (true, _) => why,
+        (false, Some(source)) => format!("{key} ({source}): {why}"),
+        (false, None) => format!("{key}: {why}"),
+    }
+}
+
+/// The names between backticks in serde's "expected one of `a`, `b`".
+fn backticked(list: &str) -> Vec<String> {
+    list.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// serde's description of an unexpected value, shown plainly:
+/// `string "yes"` as `"yes"`, ``integer `5` `` as `integer 5`.
+fn got_form(got: &str) -> String {
+    if let Some(s) = got.strip_prefix("string ") {
+        return s.to_string();
+    }
+    match got {
+        "map" => "a table".into(),
+        "sequence" => "a list".into(),
+        other => other.replace('`', ""),
+    }
+}
+
+/// What the key at `path` takes, in the operator's words, with an example
+/// from the defaults where there is one.
+fn expected_form(path: &str, serde_expected: &str, from_env: bool) -> String {
+    let defaults = toml::Value::try_from(Config::default()).ok();
+    let default = defaults.as_ref().and_then(|d| value_at(d, path));
+    let example_listen = match path {
+        "metrics.listen" => Some("127.0.0.1:9090"),
+        "console.listen" => Some("127.0.0.1:8080"),
+        _ => None,
+    };
+    if serde_expected == "a boolean" {
+        return "true or false".into();
+    }
+    if serde_expected == "a string" {
+        return match (default.and_then(|d| d.as_str()), example_listen) {
+            (Some(d), _) if !d.is_empty() => format!("a string like {d:?}"),
+            (_, Some(e)) => format!("a string like {e:?}"),
+            _ => "a string".into(),
+        };
+    }
+    if let Some(kind) = ["u32", "u64", "usize", "i64"]
+        .iter()
+        .find(|k| serde_expected == **k)
+    {
+        let range = match *kind {
+            "u32" => " from 0 to 4294967295",
+            _ => " of 0 or more",
+        };
+        return match default.and_then(|d| d.as_integer()) {
+            Some(d) => format!("a whole number{range}, like {d}"),
+            None => format!("a whole number{range}"),
+        };
+    }
+    if serde_expected.starts_with("struct ") {
+        let example = default
+            .and_then(|d| d.as_table())
+            .and_then(|t| t.keys().next().cloned())
+            .or_else(|| example_listen.map(|_| "listen".to_string()))
+            .or_else(|| (path == "metrics").then(|| "listen".to_string()));
+        let section = match path.split_once('[') {
+            Some((list, _)) => format!("[[{list}]]"),
+            None => format!("[{path}]"),
+        };
+        return match (from_env, example) {
+            (true, Some(k)) => format!(
+                "a table (set each of its keys with its own variable, e.g. {ENV_PREFIX}{}__{})",
+                path.to_ascii_uppercase().replace('.', "__"),
+                k.to_ascii_uppercase()
+            ),
+            _ => format!("a table ({section} in the file)"),
+        };
+    }
+    if serde_expected == "a sequence" {
+        return match path {
+            "tokens" => {
+                "a list of tables, e.g. [{token_sha256 = \"<64 hex>\", role = \"admin\"}]".into()
+            }
+            "event_types" => {
+                "a list of tables, e.g. [{name = \"BADGE_AWARDED\", mode = \"realtime\"}]".into()
+            }
+            _ => "a list, e.g. [1, 2]".into(),
+        };
+    }
+    serde_expected.to_string()
+}
+
+/// The value at a dotted `path` (`delivery.retention_ms`) of `value`.
+fn value_at<'a>(value: &'a toml::Value, path: &str) -> Option<&'a toml::Value> {
+    path.split('.').try_fold(value, |v, part| v.get(part))
+}
+
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -365,6 +702,7 @@ impl Config {
     }
 
     /// Defaults, then `file` (if any), then the process environment.
+    /// Warnings (see [`Loaded::warnings`]) are logged.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         Self::load_with_env(file, std::env::vars())
     }
@@ -374,28 +712,59 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let loaded = Self::load_reporting(file, env)?;
+        for w in &loaded.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(loaded.config)
+    }
+
+    /// Like [`Config::load_with_env`], returning the warnings instead of
+    /// logging them. Every error names the key (`section.key`), where its
+    /// value came from (the file and line, or the environment variable)
+    /// and what was expected.
+    pub fn load_reporting(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigError> {
+        let mut sources = Sources::default();
         let mut table = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
+                let table = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+                sources.add_file(path, &text);
+                table
             }
             None => toml::Table::new(),
         };
-        let mut env: Vec<_> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .collect();
-        env.sort();
+        let mut warnings = Vec::new();
+        let mut vars = Vec::new();
         for (key, value) in env {
-            apply_env_override(&mut table, &key, &value)?;
+            if key.starts_with(ENV_PREFIX) {
+                vars.push((key, value));
+            } else if let Some(w) = misspelled_prefix_warning(&key) {
+                warnings.push(w);
+            }
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError(e.message().to_string()))?;
-        config.validate()?;
-        Ok(config)
+        vars.sort();
+        warnings.sort();
+        for (key, value) in vars {
+            let path = apply_env_override(&mut table, &key, &value)?;
+            sources.env.push((path, key));
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                let message = e.into_inner().message().to_string();
+                ConfigError(describe_load_error(&sources, &path, &message))
+            })?;
+        config
+            .validate()
+            .map_err(|e| ConfigError(sources.annotate(&e.0)))?;
+        Ok(Loaded { config, warnings })
     }
 
     /// Parsed listen address (validated by [`Config::validate`]).
@@ -594,29 +963,53 @@ impl Config {
         Ok(())
     }
 
-    /// The effective config as TOML with secrets masked: token values, and
-    /// any value whose key names a secret (see [`is_secret_key`]), so
-    /// sections added later are masked without a change here.
+    /// The effective config as TOML with secrets masked, which loads again
+    /// as a config: a token is shown as its `token_sha256` (what the
+    /// config may hold instead of the token), a URL's password as the mask,
+    /// and any other value whose key names a secret (see [`is_secret_key`])
+    /// as the mask, so sections added later are masked without a change
+    /// here. Keys that are not set (an empty `storage.secret_key`, TLS
+    /// paths, `storage.postgres_url`) are left out, named in a comment.
+    /// A set `storage.secret_key` is left out too, commented: no mask
+    /// would load as a key.
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
         for t in &mut masked.tokens {
-            if t.token.is_some() {
-                t.token = Some(MASK.into());
+            if let Some(token) = t.token.take() {
+                t.token_sha256 = Some(crate::api::auth::token_sha256_hex(&token));
             }
         }
         let mut value = match toml::Value::try_from(&masked) {
             Ok(v) => v,
             Err(e) => return format!("# cannot render the config: {e}\n"),
         };
-        mask_secrets(&mut value, false);
-        // Named explicitly too, in case the generic rule above ever changes.
-        if let Some(k) = value
-            .get_mut("storage")
-            .and_then(|s| s.get_mut("secret_key"))
-            .filter(|k| k.as_str().is_some_and(|s| !s.is_empty()))
-        {
-            *k = toml::Value::String(MASK.into());
+        let mut notes = Vec::new();
+        // Unset keys: absent, not `""` (which reads as a value).
+        for (section, key) in [
+            ("storage", "secret_key"),
+            ("storage", "postgres_url"),
+            ("tls", "cert_path"),
+            ("tls", "key_path"),
+        ] {
+            let Some(table) = value.get_mut(section).and_then(|s| s.as_table_mut()) else {
+                continue;
+            };
+            match table.get(key).and_then(|v| v.as_str()) {
+                Some("") => {
+                    table.remove(key);
+                    notes.push(format!("# {section}.{key}: not set"));
+                }
+                Some(_) if key == "secret_key" => {
+                    table.remove(key);
+                    notes.push(format!(
+                        "# {section}.{key}: set; {key} = \"{MASK}\" (not printed, so this output \
+                         loads as a config; it then stores secrets unencrypted)"
+                    ));
+                }
+                _ => {}
+            }
         }
+        mask_secrets(&mut value, false);
         if let Some(u) = value
             .get_mut("storage")
             .and_then(|s| s.get_mut("postgres_url"))
@@ -625,7 +1018,14 @@ impl Config {
                 *u = toml::Value::String(mask_url_password(text));
             }
         }
-        toml::to_string_pretty(&value).unwrap_or_default()
+        let mut out = String::from("# The effective configuration, secrets masked.\n");
+        for n in notes {
+            out.push_str(&n);
+            out.push('\n');
+        }
+        out.push('\n');
+        out.push_str(&toml::to_string_pretty(&value).unwrap_or_default());
+        out
     }
 }
 
@@ -661,7 +1061,8 @@ pub fn is_secret_key(key: &str) -> bool {
 /// Replaces every string (and every string in an array) under a secret key.
 fn mask_secrets(value: &mut toml::Value, secret: bool) {
     match value {
-        toml::Value::String(s) if secret => *s = MASK.into(),
+        // An empty value is no secret: it means the key is not set.
+        toml::Value::String(s) if secret && !s.is_empty() => *s = MASK.into(),
         toml::Value::Array(items) => items.iter_mut().for_each(|v| mask_secrets(v, secret)),
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
@@ -677,8 +1078,13 @@ fn mask_secrets(value: &mut toml::Value, secret: bool) {
     }
 }
 
-/// Sets `table[path]` from one `WEBHOOK_ROUTER__A__B=value` variable.
-fn apply_env_override(table: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError> {
+/// Sets `table[path]` from one `WEBHOOK_ROUTER__A__B=value` variable;
+/// returns the key path it set (`a.b`).
+fn apply_env_override(
+    table: &mut toml::Table,
+    key: &str,
+    value: &str,
+) -> Result<String, ConfigError> {
     let path: Vec<String> = key[ENV_PREFIX.len()..]
         .split("__")
         .map(|s| s.to_ascii_lowercase())
@@ -702,7 +1108,7 @@ fn apply_env_override(table: &mut toml::Table, key: &str, value: &str) -> Result
             .ok_or_else(|| ConfigError(format!("{key}: `{part}` is not a section")))?;
     }
     cursor.insert(last.clone(), parsed);
-    Ok(())
+    Ok(path.join("."))
 }
 
 #[cfg(test)]
@@ -750,7 +1156,10 @@ mod tests {
     fn bad_values_name_the_key() {
         let e =
             Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__LISTEN", "nope")])).unwrap_err();
-        assert!(e.0.starts_with("listen:"), "{e}");
+        assert!(
+            e.0.starts_with("listen (from WEBHOOK_ROUTER__LISTEN): must be"),
+            "{e}"
+        );
         let e = Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__LISTN", "x")])).unwrap_err();
         assert!(e.0.contains("listn"), "{e}");
         let e = Config::load_with_env(
@@ -777,18 +1186,28 @@ mod tests {
     fn security_keys_are_validated_and_masked() {
         let load = |pairs: &[(&str, &str)]| Config::load_with_env(None, env(pairs));
         let e = load(&[("WEBHOOK_ROUTER__STORAGE__SECRET_KEY", "c2hvcnQ=")]).unwrap_err();
-        assert!(e.0.starts_with("storage.secret_key:"), "{e}");
+        assert!(e.0.starts_with("storage.secret_key (from "), "{e}");
         let e = load(&[("WEBHOOK_ROUTER__TLS__CERT_PATH", "/x/cert.pem")]).unwrap_err();
-        assert!(e.0.starts_with("tls:"), "{e}");
+        assert!(
+            e.0.starts_with("tls (from WEBHOOK_ROUTER__TLS__CERT_PATH):"),
+            "{e}"
+        );
         let e = load(&[("WEBHOOK_ROUTER__LIMITS__MAX_REQUEST_BYTES", "2048")]).unwrap_err();
-        assert!(e.0.starts_with("limits.max_request_bytes:"), "{e}");
+        assert!(e.0.starts_with("limits.max_request_bytes (from "), "{e}");
         let e = load(&[("WEBHOOK_ROUTER__LIMITS__MAX_CONCURRENT_REQUESTS", "0")]).unwrap_err();
-        assert!(e.0.starts_with("limits.max_concurrent_requests:"), "{e}");
+        assert!(
+            e.0.starts_with("limits.max_concurrent_requests (from "),
+            "{e}"
+        );
         let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
         let c = load(&[("WEBHOOK_ROUTER__STORAGE__SECRET_KEY", key)]).unwrap();
         assert_eq!(c.storage.secret_key_bytes().unwrap()[31], 31);
         let text = c.to_masked_toml();
-        assert!(!text.contains(key) && text.contains("secret_key = \"********\""));
+        assert!(!text.contains(key), "{text}");
+        assert!(
+            text.contains("# storage.secret_key: set; secret_key = \"********\""),
+            "{text}"
+        );
     }
 
     #[test]
@@ -803,7 +1222,11 @@ mod tests {
         .unwrap();
         let text = c.to_masked_toml();
         assert!(!text.contains("supersecrettoken1"));
-        assert!(text.contains("********"));
+        // Shown as its hash, which the config may hold instead.
+        assert!(
+            text.contains(&crate::api::auth::token_sha256_hex("supersecrettoken1")),
+            "{text}"
+        );
     }
 
     #[test]
@@ -847,7 +1270,8 @@ mod tests {
             (16, 10_000)
         );
         let e = Config::load_with_env(None, env(&[("STORAGE__BACKEND", "postgres")])).unwrap_err();
-        assert!(e.0.starts_with("storage.postgres_url:"), "{e}");
+        // Not set anywhere: no source to name.
+        assert!(e.0.starts_with("storage.postgres_url: must be set"), "{e}");
         let e = Config::load_with_env(
             None,
             env(&[
@@ -856,11 +1280,11 @@ mod tests {
             ]),
         )
         .unwrap_err();
-        assert!(e.0.starts_with("storage.postgres_url:"), "{e}");
+        assert!(e.0.starts_with("storage.postgres_url (from "), "{e}");
         let e = Config::load_with_env(None, env(&[("STORAGE__BACKEND", "mongo")])).unwrap_err();
         assert!(e.0.contains("mongo"), "{e}");
         let e = Config::load_with_env(None, env(&[("STORAGE__LEASE_TTL_MS", "10")])).unwrap_err();
-        assert!(e.0.starts_with("storage.lease_ttl_ms:"), "{e}");
+        assert!(e.0.starts_with("storage.lease_ttl_ms (from "), "{e}");
         let c = Config::load_with_env(
             None,
             env(&[
@@ -879,6 +1303,182 @@ mod tests {
         assert!(
             text.contains("postgres://router:********@127.0.0.1:5432/wh"),
             "{text}"
+        );
+    }
+
+    /// `text` as a config file in a new folder; returns (folder, path).
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    fn load_file(path: &Path, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load_with_env(Some(path), env(pairs))
+    }
+
+    #[test]
+    fn type_errors_name_the_key_its_source_and_the_expected_form() {
+        let (_d, path) = file("listen = 50051\n");
+        let e = load_file(&path, &[]).unwrap_err();
+        assert_eq!(
+            e.0,
+            format!(
+                "listen ({} line 1): expected a string like \"127.0.0.1:50051\", got integer 50051",
+                path.display()
+            )
+        );
+        let e = Config::load_with_env(
+            None,
+            env(&[("WEBHOOK_ROUTER__DELIVERY__ALLOW_PRIVATE_TARGETS", "yes")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.0,
+            "delivery.allow_private_targets (from WEBHOOK_ROUTER__DELIVERY__ALLOW_PRIVATE_TARGETS): \
+             expected true or false, got \"yes\""
+        );
+        let e = Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__METRICS", "127.0.0.1:9090")]))
+            .unwrap_err();
+        assert!(
+            e.0.starts_with("metrics (from WEBHOOK_ROUTER__METRICS): expected a table")
+                && e.0.contains("WEBHOOK_ROUTER__METRICS__LISTEN")
+                && e.0.ends_with("got \"127.0.0.1:9090\""),
+            "{e}"
+        );
+        let (_d, path) = file("[limits]\nmax_webhooks_per_account = -1\n");
+        let e = load_file(&path, &[]).unwrap_err();
+        assert_eq!(
+            e.0,
+            format!(
+                "limits.max_webhooks_per_account ({} line 2): expected a whole number \
+                 from 0 to 4294967295, like 5, got integer -1",
+                path.display()
+            )
+        );
+        let e = Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__STORAGE__BACKEND", "mongo")]))
+            .unwrap_err();
+        assert_eq!(
+            e.0,
+            "storage.backend (from WEBHOOK_ROUTER__STORAGE__BACKEND): \
+             expected one of \"sled\", \"postgres\", got \"mongo\""
+        );
+        // The environment wins over the file, and is named as the source.
+        let (_d, path) = file("listen = \"127.0.0.1:1\"\n");
+        let e = load_file(&path, &[("WEBHOOK_ROUTER__LISTEN", "7")]).unwrap_err();
+        assert!(
+            e.0.starts_with("listen (from WEBHOOK_ROUTER__LISTEN): expected a string"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_section_and_line() {
+        let text = "listen = \"127.0.0.1:50051\"\n\n[limits]\nmax_webhooks_per_account = 3\n\n\
+                    [delivery]\nfoo = 1\n";
+        let (_d, path) = file(text);
+        let e = load_file(&path, &[]).unwrap_err();
+        assert!(
+            e.0.starts_with(&format!(
+                "delivery.foo ({} line 7): unknown key; known keys in [delivery]: \
+                 allow_private_targets, max_events_per_payload,",
+                path.display()
+            )),
+            "{e}"
+        );
+        let e = Config::load_with_env(None, env(&[("WEBHOOK_ROUTER__LISTN", "x")])).unwrap_err();
+        assert!(
+            e.0.starts_with(
+                "listn (from WEBHOOK_ROUTER__LISTN): unknown key; known top-level keys: listen,"
+            ),
+            "{e}"
+        );
+        let (_d, path) = file("[[tokens]]\ntoken = \"0123456789abcdef\"\nrle = \"admin\"\n");
+        let e = load_file(&path, &[]).unwrap_err();
+        assert!(
+            e.0.starts_with(&format!(
+                "tokens[0].rle ({} line 3): unknown key; known keys in [[tokens]]: \
+                 token, token_sha256, role, account_ids",
+                path.display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn validation_errors_name_the_source() {
+        let (_d, path) = file("[limits]\nmax_webhooks_per_account = 0\n");
+        let e = load_file(&path, &[]).unwrap_err();
+        assert_eq!(
+            e.0,
+            format!(
+                "limits.max_webhooks_per_account ({} line 2): must be at least 1",
+                path.display()
+            )
+        );
+        let (_d, path) = file(
+            "listen = \"127.0.0.1:1\"\n\n[[tokens]]\ntoken = \"0123456789abcdef\"\nrole = \"admin\"\n\n\
+             [[tokens]]\ntoken_sha256 = \"zz\"\nrole = \"ingest\"\n",
+        );
+        let e = load_file(&path, &[]).unwrap_err();
+        assert!(
+            e.0.starts_with(&format!(
+                "tokens[1].token_sha256 ({} line 8): must be 64 hex",
+                path.display()
+            )),
+            "{e}"
+        );
+        // A default value has no source to name.
+        let e = load_file(&path, &[("WEBHOOK_ROUTER__TOKENS", "[]")]);
+        assert!(e.is_ok(), "{e:?}");
+    }
+
+    #[test]
+    fn one_underscore_variables_get_a_warning() {
+        let loaded = Config::load_reporting(
+            None,
+            env(&[
+                ("WEBHOOK_ROUTER_LISTEN", "0.0.0.0:1"),
+                ("WEBHOOK_ROUTER_REEXECS", "1"),
+                ("WEBHOOK_ROUTER_TEST_PG", "x"),
+                ("WEBHOOK_ROUTER__SHUTDOWN_GRACE_MS", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            loaded.warnings,
+            vec![
+                "environment variable WEBHOOK_ROUTER_LISTEN is not read: config variables \
+                 start with WEBHOOK_ROUTER__ (two underscores), e.g. WEBHOOK_ROUTER__LISTEN"
+                    .to_string()
+            ]
+        );
+        assert_eq!(loaded.config.listen, "127.0.0.1:50051");
+        assert_eq!(loaded.config.shutdown_grace_ms, 5);
+    }
+
+    #[test]
+    fn masked_output_loads_again_and_shows_unset_keys_as_unset() {
+        let c = Config::load_with_env(
+            None,
+            env(&[(
+                "WEBHOOK_ROUTER__TOKENS",
+                r#"[{token = "supersecrettoken1", role = "ingest"}]"#,
+            )]),
+        )
+        .unwrap();
+        let text = c.to_masked_toml();
+        assert!(text.contains("# storage.secret_key: not set\n"), "{text}");
+        assert!(text.contains("# tls.cert_path: not set\n"), "{text}");
+        assert!(!text.contains("= \"\""), "no empty values: {text}");
+        assert!(!text.contains("supersecrettoken1"), "{text}");
+        let (_d, path) = file(&text);
+        let again = load_file(&path, &[]).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(again.to_masked_toml(), text);
+        assert_eq!(
+            again.tokens[0].token_sha256.as_deref(),
+            Some(crate::api::auth::token_sha256_hex("supersecrettoken1").as_str())
         );
     }
 }

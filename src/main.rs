@@ -29,7 +29,10 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Validate the config and print the effective values, secrets masked.
+    /// Validate the config as `serve` would before listening (values,
+    /// listen addresses, storage key, TLS files) and print the effective
+    /// values, secrets masked; the output loads again as a config. It does
+    /// not connect to PostgreSQL nor open the sled folder in data_dir.
     CheckConfig {
         /// TOML config file.
         #[arg(long)]
@@ -62,16 +65,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     webhook_router::telemetry::init(cli.log_json);
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
-            Ok(c) => {
-                print!("{}", c.to_masked_toml());
-                ExitCode::SUCCESS
+        Command::CheckConfig { config } => {
+            let loaded = match Config::load_reporting(config.as_deref(), std::env::vars()) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
             }
-            Err(e) => {
+            // The same checks, and messages, as `serve` before it listens.
+            if let Err(e) = webhook_router::server::check_startup(&loaded.config) {
                 eprintln!("error: {e}");
-                ExitCode::from(2)
+                return ExitCode::from(2);
             }
-        },
+            print!("{}", loaded.config.to_masked_toml());
+            ExitCode::SUCCESS
+        }
         Command::Export { config, out } => tool(config, |config| async move {
             let store = webhook_router::store::open_for_tools(&config).await?;
             let file =
@@ -271,8 +283,8 @@ async fn serve(config: Config) -> ExitCode {
     }
 }
 
-/// Counts re-executions after storage failures (not a config variable: one `_`).
-const REEXEC_ENV: &str = "WEBHOOK_ROUTER_REEXECS";
+// Counts re-executions after storage failures (not a config variable: one `_`).
+use webhook_router::config::REEXEC_ENV;
 /// After this many re-executions in a row the process exits 1 instead.
 const MAX_REEXECS: u32 = 3;
 

@@ -62,7 +62,7 @@ pub async fn run_with_metrics_listener(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let config = Arc::new(config);
-    let tls = load_tls(&config)?;
+    let tls = check_startup(&config)?;
     let store = store::open(&config.storage_backend(), config.storage.secret_key_bytes()).await?;
     let tokens = Arc::new(
         TokenTable::new(&resolve_tokens(&config, &store).await?)
@@ -343,8 +343,22 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     }
 }
 
+/// The checks of a start that need no store and no listener (the listen
+/// addresses were checked by [`Config::load`]): the storage key decodes,
+/// and the TLS files of `[tls]` can be read and parsed. [`run`] starts with
+/// it and `check-config` runs it, so both refuse the same config with the
+/// same message. Returns the TLS settings, if configured.
+pub fn check_startup(config: &Config) -> Result<Option<ServerTlsConfig>> {
+    if !config.storage.secret_key.is_empty() && config.storage.secret_key_bytes().is_none() {
+        return Err(Error::Startup(
+            "storage.secret_key: must be the standard base64 of exactly 32 bytes".into(),
+        ));
+    }
+    load_tls(config)
+}
+
 /// The TLS settings of `[tls]`, if configured; unreadable files stop the start.
-fn load_tls(config: &Config) -> Result<Option<ServerTlsConfig>> {
+pub fn load_tls(config: &Config) -> Result<Option<ServerTlsConfig>> {
     if !config.tls.enabled() {
         return Ok(None);
     }

@@ -962,6 +962,22 @@ async fn validation_errors_are_invalid_argument_naming_the_field() {
         "webhook.event_types[0]",
     );
     assert!(s.message().contains("NOT_AN_EVENT"), "{}", s.message());
+    assert!(!s.message().contains("did you mean"), "{}", s.message());
+    // A near miss gets the catalog name it was probably meant as.
+    for (typo, meant) in [
+        ("course_enrollment", "COURSE_ENROLLMENT"),
+        ("COURSE_ENROLMENT", "COURSE_ENROLLMENT"),
+    ] {
+        let s = expect_invalid(
+            try_create(&mut a, 1010, with(&|w| w.event_types = vec![typo.into()])).await,
+            "webhook.event_types[0]",
+        );
+        assert!(
+            s.message().contains(&format!("did you mean {meant}?")),
+            "{}",
+            s.message()
+        );
+    }
     expect_invalid(
         a.create_webhook(CreateWebhookRequest {
             account_id: 1010,
@@ -1101,7 +1117,11 @@ async fn the_sixth_webhook_of_an_account_is_refused() {
         try_create(&mut a, 1010, hook("sixth")).await,
         Code::ResourceExhausted,
     );
-    assert!(!s.message().is_empty());
+    // The message names the setting and its value.
+    assert!(
+        s.message().contains("limits.max_webhooks_per_account = 5"),
+        "{s:?}"
+    );
     assert_eq!(list_all(&mut a, 1010).await.len(), 5);
 
     // Retired webhooks still count.
@@ -1410,9 +1430,13 @@ async fn list_webhooks_pages_through_every_webhook_in_creation_order() {
             create(&mut a, 1011, hook(&format!("other-{i:02}"))).await;
         }
     }
-    expect_code(
+    let s = expect_code(
         try_create(&mut a, 1010, hook("thirteenth")).await,
         Code::ResourceExhausted,
+    );
+    assert!(
+        s.message().contains("limits.max_webhooks_per_account = 12"),
+        "{s:?}"
     );
 
     let mut pages = Vec::new();

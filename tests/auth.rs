@@ -187,7 +187,15 @@ async fn missing_or_unknown_tokens_are_unauthenticated() {
         let mut a = server.admin(token).await;
         assert_all(admin_calls(&mut a).await, Code::Unauthenticated);
         let mut i = server.ingest(token).await;
-        expect_code(try_publish(&mut i, 1010).await, Code::Unauthenticated);
+        let s = expect_code(try_publish(&mut i, 1010).await, Code::Unauthenticated);
+        // The message says where valid tokens are, and echoes nothing sent.
+        assert!(
+            s.message().starts_with("unknown token (")
+                && s.message().contains("[[tokens]]")
+                && s.message().contains("data_dir/initial-credentials.toml"),
+            "{s:?}"
+        );
+        assert!(!s.message().contains(token), "{s:?}");
     }
 
     // A real token without the Bearer scheme, or under another scheme.

@@ -325,9 +325,18 @@ listen = "127.0.0.1:9090"
     assert!(!out.contains(INGEST), "{out}");
     let tokens = parsed["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), 3);
-    assert_eq!(tokens[0]["token"].as_str(), Some("********"));
+    // A token is shown as its hash (what the config may hold instead).
+    let sha = webhook_router::api::auth::token_sha256_hex;
+    assert!(tokens[0].get("token").is_none(), "{out}");
+    assert_eq!(
+        tokens[0]["token_sha256"].as_str(),
+        Some(sha(ADMIN).as_str())
+    );
     assert_eq!(tokens[0]["role"].as_str(), Some("admin"));
-    assert_eq!(tokens[1]["token"].as_str(), Some("********"));
+    assert_eq!(
+        tokens[1]["token_sha256"].as_str(),
+        Some(sha(INGEST).as_str())
+    );
     // A hash is not the secret; it stays visible so operators can match it.
     assert_eq!(tokens[2]["token_sha256"].as_str(), Some(hash));
     assert_eq!(parsed["metrics"]["listen"].as_str(), Some("127.0.0.1:9090"));
@@ -347,11 +356,138 @@ listen = "127.0.0.1:9090"
     );
     assert_eq!(code, 0, "{err}");
     assert!(!out.contains(secret), "{out}");
-    assert!(out.contains("********"), "{out}");
+    assert!(out.contains(&sha(secret)), "{out}");
 
     // A bad value: exit 2, the key named, nothing printed on stdout.
     let (code, out, err) = check_config(&path, &[("WEBHOOK_ROUTER__METRICS__LISTEN", "nowhere")]);
     assert_eq!(code, 2);
     assert!(out.is_empty(), "{out}");
     assert!(err.contains("metrics.listen"), "{err}");
+}
+
+#[test]
+fn check_config_output_loads_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let (code, out, err) = check_config(&path, &[]);
+    assert_eq!(code, 0, "{err}");
+    // Unset keys read as unset, not as a value ("" or a mask).
+    assert!(out.contains("# storage.secret_key: not set\n"), "{out}");
+    assert!(out.contains("# tls.cert_path: not set\n"), "{out}");
+    assert!(!out.contains("\"********\""), "{out}");
+    assert!(!out.contains("= \"\""), "{out}");
+    // Tokens are shown as their hash, which loads as a config.
+    assert!(!out.contains(ADMIN) && !out.contains(INGEST), "{out}");
+    let parsed: toml::Table = out.parse().unwrap_or_else(|e| panic!("{e}: {out}"));
+    let hash = webhook_router::api::auth::token_sha256_hex(ADMIN);
+    assert_eq!(
+        parsed["tokens"][0]["token_sha256"].as_str(),
+        Some(hash.as_str())
+    );
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &out).unwrap();
+    let (code, again, err) = check_config(&printed, &[]);
+    assert_eq!(code, 0, "the printed config loads again: {err}\n{out}");
+    assert_eq!(again, out);
+}
+
+#[test]
+fn check_config_runs_the_start_checks_of_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-cert.pem");
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "\n[tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\n",
+            missing.display(),
+            dir.path().join("no-such-key.pem").display()
+        ),
+    );
+    let (code, out, err) = check_config(&path, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.is_empty(), "{out}");
+    let message = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {err}"))
+        .to_string();
+    assert!(
+        message.starts_with(&format!(
+            "error: tls.cert_path: cannot read {}",
+            missing.display()
+        )),
+        "{message}"
+    );
+    // serve refuses the same config with the same message.
+    let served = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run serve");
+    assert_eq!(served.status.code(), Some(1));
+    let served_err = String::from_utf8(served.stderr).unwrap();
+    assert!(
+        served_err.lines().any(|l| l == message),
+        "serve said:\n{served_err}\ncheck-config said: {message}"
+    );
+    // The storage key is checked too.
+    let (code, _, err) = check_config(
+        &write_config(dir.path(), "\n[storage]\nsecret_key = \"c2hvcnQ=\"\n"),
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("storage.secret_key ("), "{err}");
+}
+
+#[test]
+fn check_config_names_the_source_and_warns_about_one_underscore() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "listen = 50051\n").unwrap();
+    let (code, _, err) = check_config(&path, &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!(
+            "listen ({} line 1): expected a string like \"127.0.0.1:50051\", got integer 50051",
+            path.display()
+        )),
+        "{err}"
+    );
+    let path = write_config(dir.path(), "");
+    let (code, _, err) = check_config(&path, &[("WEBHOOK_ROUTER_LISTEN", "0.0.0.0:1")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            "warning: environment variable WEBHOOK_ROUTER_LISTEN is not read: config \
+             variables start with WEBHOOK_ROUTER__ (two underscores), e.g. WEBHOOK_ROUTER__LISTEN"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_router_on_the_same_data_folder_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::common::process::write_router_config(dir.path(), 2_000, "");
+    let first = crate::common::process::RouterProcess::start(&config);
+    let second = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second router");
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8(second.stderr).unwrap();
+    assert!(
+        err.contains(&format!(
+            "error: another webhook-router process uses the data folder {} \
+             (its database is locked); stop that process, or give this one another data_dir",
+            dir.path().join("data").display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("WouldBlock"), "{err}");
+    drop(first);
 }

@@ -272,7 +272,8 @@ async fn deeply_nested_data_is_invalid_argument_at_a_documented_depth() {
     let s = answers.message().await.expect_err("second refused");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     assert!(
-        s.message().starts_with("events.data: is nested too deeply"),
+        s.message()
+            .starts_with("stream message #2 (counting from 1): events.data: is nested too deeply"),
         "{s:?}"
     );
     still_serving_and_not_stored(&mut ingest, &["stream-deep"]).await;
@@ -354,7 +355,8 @@ async fn names_ids_and_timestamps_that_are_not_valid() {
         ),
         (
             event("ctl-3", "course_enrollment", 1),
-            "events[1].event_name: unknown event type",
+            "events[1].event_name: unknown event type \"course_enrollment\"; \
+             did you mean COURSE_ENROLLMENT?",
         ),
         (event("", "", 1), "events[1].event_name: is required"),
         (

@@ -461,9 +461,8 @@ impl WebhookAdmin for AdminService {
         } else if self.state.catalog.mode(&r.event_name).is_some() {
             r.event_name.clone()
         } else {
-            return Err(
-                Error::invalid("event_name", "unknown event type (see ListEventTypes)").into(),
-            );
+            let reason = self.state.catalog.unknown_type_reason(&r.event_name);
+            return Err(Error::invalid("event_name", reason).into());
         };
         let outcome = self
             .state

@@ -187,6 +187,11 @@ impl TokenTable {
     }
 }
 
+/// What a token the table does not know gets: where the valid ones are.
+/// Never the data folder's real path, nor anything of the token sent.
+pub const UNKNOWN_TOKEN: &str = "unknown token (tokens are in [[tokens]] of the config, \
+     or in data_dir/initial-credentials.toml after the first start when none are configured)";
+
 /// The interceptor for a service that needs `role`.
 pub fn interceptor(
     table: Arc<TokenTable>,
@@ -213,7 +218,7 @@ pub fn interceptor(
             })?;
         let principal = table
             .authenticate(token)
-            .ok_or_else(|| Status::from(Error::Unauthenticated("unknown token")))?;
+            .ok_or_else(|| Status::from(Error::Unauthenticated(UNKNOWN_TOKEN)))?;
         if principal.role != role {
             let need = match role {
                 Role::Admin => "admin",

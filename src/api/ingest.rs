@@ -116,10 +116,7 @@ pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Resul
         let Some(mode) = state.catalog.mode(&e.event_name) else {
             return Err(Error::invalid(
                 format!("events[{i}].event_name"),
-                format!(
-                    "unknown event type {:?} (see ListEventTypes)",
-                    crate::domain::webhook::truncate(&e.event_name, 80)
-                ),
+                state.catalog.unknown_type_reason(&e.event_name),
             ));
         };
         if e.event_id.len() > MAX_EVENT_ID_BYTES {
@@ -159,6 +156,21 @@ pub fn validate_request(state: &AppState, r: &pb::PublishEventsRequest) -> Resul
     Ok(out)
 }
 
+/// `status` with its message prefixed by the number of the stream message
+/// it answers (`stream message #2 (counting from 1): events[0].event_name:
+/// …`); code, details (google.rpc.BadRequest) and metadata are kept.
+pub fn in_stream_message(status: Status, number: u64) -> Status {
+    Status::with_details_and_metadata(
+        status.code(),
+        format!(
+            "stream message #{number} (counting from 1): {}",
+            status.message()
+        ),
+        bytes::Bytes::copy_from_slice(status.details()),
+        status.metadata().clone(),
+    )
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::StreamEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -185,7 +197,10 @@ impl EventIngest for IngestService {
         let service = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // Which message of the stream this is, counting from 1.
+            let mut number: u64 = 0;
             loop {
+                number += 1;
                 let msg = match inbound.message().await {
                     // Same fields and numbers as a PublishEvents request.
                     Ok(Some(m)) => pb::PublishEventsRequest {
@@ -195,7 +210,7 @@ impl EventIngest for IngestService {
                     Ok(None) => break,
                     Err(status) => {
                         let status = super::layers::clarify_decode_error(&status).unwrap_or(status);
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.send(Err(in_stream_message(status, number))).await;
                         break;
                     }
                 };
@@ -214,7 +229,7 @@ impl EventIngest for IngestService {
                 let failed = result.is_err();
                 let reply = result
                     .map(|r| pb::StreamEventsResponse { results: r.results })
-                    .map_err(Status::from);
+                    .map_err(|e| in_stream_message(Status::from(e), number));
                 if tx.send(reply).await.is_err() || failed {
                     break;
                 }

@@ -7,6 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use url::{Host, Url};
 
+/// Appended to every refusal that `delivery.allow_private_targets` lifts.
+pub const ALLOW_PRIVATE_HINT: &str =
+    "; set delivery.allow_private_targets = true to allow it for local testing";
+
 /// Checks a target URL as stored on a webhook. `allow_private` also admits
 /// plain http and non-global destinations.
 pub fn check_target_url(raw: &str, allow_private: bool) -> Result<Url, String> {
@@ -14,7 +18,7 @@ pub fn check_target_url(raw: &str, allow_private: bool) -> Result<Url, String> {
     match url.scheme() {
         "https" => {}
         "http" if allow_private => {}
-        "http" => return Err("must use https".into()),
+        "http" => return Err(format!("must use https{ALLOW_PRIVATE_HINT}")),
         other => return Err(format!("unsupported scheme {other:?}; use https")),
     }
     if !url.username().is_empty() || url.password().is_some() {
@@ -27,7 +31,7 @@ pub fn check_target_url(raw: &str, allow_private: bool) -> Result<Url, String> {
         Some(Host::Domain(name)) => {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             if !allow_private && (name == "localhost" || name.ends_with(".localhost")) {
-                return Err("targets a loopback host".into());
+                return Err(format!("targets a loopback host{ALLOW_PRIVATE_HINT}"));
             }
         }
     }
@@ -56,7 +60,9 @@ pub fn check_ip(ip: IpAddr, allow_private: bool) -> Result<(), String> {
     if allow_private || is_global(ip) {
         Ok(())
     } else {
-        Err(format!("targets a non-global address ({ip})"))
+        Err(format!(
+            "targets a non-global address ({ip}){ALLOW_PRIVATE_HINT}"
+        ))
     }
 }
 
@@ -74,7 +80,9 @@ pub fn filter_resolved(
         if total == 0 {
             Err("name resolved to no address".into())
         } else {
-            Err("name resolves only to non-global addresses".into())
+            Err(format!(
+                "name resolves only to non-global addresses{ALLOW_PRIVATE_HINT}"
+            ))
         }
     } else {
         Ok(kept)
@@ -192,6 +200,31 @@ mod tests {
             .contains("credentials"));
         assert!(check_target_url("/relative", true).is_err());
         assert!(check_target_url("http://127.0.0.1:8080/", true).is_ok());
+    }
+
+    #[test]
+    fn refusals_point_at_allow_private_targets() {
+        for url in [
+            "http://example.com/",
+            "https://localhost/",
+            "https://127.0.0.1/",
+            "https://[::1]/",
+            "https://10.0.0.1/",
+        ] {
+            let e = check_target_url(url, false).unwrap_err();
+            assert!(
+                e.ends_with(
+                    "; set delivery.allow_private_targets = true to allow it for local testing"
+                ),
+                "{url}: {e}"
+            );
+        }
+        let private = "10.0.0.1:443".parse().unwrap();
+        let e = filter_resolved(vec![private], false).unwrap_err();
+        assert!(e.contains("delivery.allow_private_targets"), "{e}");
+        // Refusals the setting does not lift do not mention it.
+        let e = check_target_url("ftp://example.com/", false).unwrap_err();
+        assert!(!e.contains("allow_private_targets"), "{e}");
     }
 
     #[test]

@@ -187,6 +187,61 @@ impl Catalog {
     pub fn mode(&self, name: &str) -> Option<Mode> {
         self.entries.iter().find(|e| e.name == name).map(|e| e.mode)
     }
+
+    /// The catalog name `name` was probably meant as: the same name in
+    /// another case, else the closest by edit distance when it is close
+    /// (at most 2 edits, or a quarter of the name's length).
+    pub fn suggest(&self, name: &str) -> Option<&str> {
+        if let Some(e) = self
+            .entries
+            .iter()
+            .find(|e| e.name.eq_ignore_ascii_case(name))
+        {
+            return Some(&e.name);
+        }
+        // Names are at most 64 characters; anything much longer is no typo.
+        if name.is_empty() || name.chars().count() > 80 {
+            return None;
+        }
+        let wanted: Vec<char> = name.to_ascii_uppercase().chars().collect();
+        let (distance, best) = self
+            .entries
+            .iter()
+            .map(|e| (edit_distance(&wanted, &e.name), e.name.as_str()))
+            .min_by_key(|(d, _)| *d)?;
+        (distance <= 2.max(wanted.len() / 4)).then_some(best)
+    }
+
+    /// Why `name` is refused: unknown, with a suggestion when there is one.
+    pub fn unknown_type_reason(&self, name: &str) -> String {
+        let shown = crate::domain::webhook::truncate(name, 80);
+        match self.suggest(name) {
+            Some(s) => {
+                format!("unknown event type {shown:?}; did you mean {s}? (see ListEventTypes)")
+            }
+            None => format!("unknown event type {shown:?} (see ListEventTypes)"),
+        }
+    }
+}
+
+/// Levenshtein distance between `a` and `b` (compared as characters).
+fn edit_distance(a: &[char], b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = if ca == cb {
+                diagonal
+            } else {
+                1 + diagonal.min(above).min(row[j])
+            };
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
@@ -211,5 +266,25 @@ mod tests {
         }]);
         assert_eq!(c.entries().last().unwrap().name, "BADGE_AWARDED");
         assert_eq!(c.mode("BADGE_AWARDED"), Some(Mode::Batch));
+    }
+
+    #[test]
+    fn unknown_names_get_the_closest_catalog_name() {
+        let c = Catalog::new(&[]);
+        assert_eq!(c.suggest("course_enrollment"), Some("COURSE_ENROLLMENT"));
+        assert_eq!(c.suggest("Course_Completed"), Some("COURSE_COMPLETED"));
+        assert_eq!(c.suggest("COURSE_ENROLMENT"), Some("COURSE_ENROLLMENT"));
+        assert_eq!(c.suggest("COURSE-ENROLLMENT"), Some("COURSE_ENROLLMENT"));
+        assert_eq!(c.suggest("NO_SUCH_TYPE"), None);
+        assert_eq!(c.suggest(""), None);
+        assert_eq!(
+            c.unknown_type_reason("course_enrollment"),
+            "unknown event type \"course_enrollment\"; did you mean COURSE_ENROLLMENT? \
+             (see ListEventTypes)"
+        );
+        assert_eq!(
+            c.unknown_type_reason("NOPE"),
+            "unknown event type \"NOPE\" (see ListEventTypes)"
+        );
     }
 }

@@ -155,10 +155,7 @@ pub fn validate(w: &mut Webhook, rules: Rules<'_>, prefix: &str) -> Result<()> {
         if rules.catalog.mode(t).is_none() {
             return Err(Error::invalid(
                 format!("{prefix}.event_types[{i}]"),
-                format!(
-                    "unknown event type {:?} (see ListEventTypes)",
-                    truncate(t, 80)
-                ),
+                rules.catalog.unknown_type_reason(t),
             ));
         }
     }

@@ -43,7 +43,7 @@ use crate::domain::catalog::Catalog;
 use crate::domain::delivery::{DeliveryRecord, DeliveryState, LaneFilter};
 use crate::domain::event::{NewEvent, StoredEvent};
 use crate::domain::webhook::{SecretRecord, Webhook};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The event log of every account.
 pub trait EventLog {
@@ -545,4 +545,13 @@ impl StoreHealth for Store {
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
         on_backend!(self, s => StoreHealth::changes(s))
     }
+}
+
+/// The refusal of a webhook past `limits.max_webhooks_per_account`: names
+/// the setting and its value, so the operator knows what to raise.
+pub fn webhook_limit_reached(account_id: u64, count: usize, max: u64) -> Error {
+    Error::ResourceExhausted(format!(
+        "account {account_id} already has {count} webhooks, the most \
+         limits.max_webhooks_per_account = {max} allows; delete one or raise the limit"
+    ))
 }

@@ -704,7 +704,11 @@ async fn the_webhook_limit_holds_under_eight_concurrent_creates() {
     assert_eq!(ok, 5);
     assert_eq!(refused.len(), 3);
     for m in refused {
-        assert_eq!(m, "account 77 already has 5 webhooks (limit 5)");
+        assert_eq!(
+            m,
+            "account 77 already has 5 webhooks, the most limits.max_webhooks_per_account = 5 \
+             allows; delete one or raise the limit"
+        );
     }
     assert_eq!(
         db.store.list_webhooks(77, None, 100).await.unwrap().0.len(),

@@ -82,10 +82,11 @@ impl PgStore {
             .get(0);
         let count = usize::try_from(count).unwrap_or(usize::MAX);
         if count >= max_per_account {
-            return Err(Error::ResourceExhausted(format!(
-                "account {} already has {count} webhooks (limit {max_per_account})",
-                webhook.account_id
-            )));
+            return Err(crate::store::webhook_limit_reached(
+                webhook.account_id,
+                count,
+                max_per_account as u64,
+            ));
         }
         let inserted = tx
             .execute(

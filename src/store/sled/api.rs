@@ -35,7 +35,11 @@ impl SledStore {
             .await
             .map_err(|e| Error::Internal(format!("opening the store: {e}")))?;
             match opened {
-                Err(Error::Unavailable(m)) if tries < 30 && m.contains("lock") => {
+                Err(Error::Unavailable(m)) if m == super::folder_in_use(dir) => {
+                    if tries == 30 {
+                        // Not a storage outage: a start that cannot proceed.
+                        return Err(Error::Startup(m));
+                    }
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }

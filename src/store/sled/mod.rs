@@ -41,6 +41,15 @@ pub use durable::DiskSync;
 use crate::config::TokenConfig;
 use crate::error::{Error, Result};
 
+/// Why a data folder cannot be opened while another process holds it.
+pub fn folder_in_use(dir: &Path) -> String {
+    format!(
+        "another webhook-router process uses the data folder {} (its database is locked); \
+         stop that process, or give this one another data_dir",
+        dir.display()
+    )
+}
+
 impl From<sled::Error> for Error {
     fn from(e: sled::Error) -> Self {
         // I/O errors (disk full, read-only filesystem) are transient from
@@ -121,6 +130,11 @@ impl SledStore {
             .flush_every_ms(None)
             .open()
             .map_err(|e| match Error::from(e) {
+                // sled's "could not acquire lock on …: WouldBlock": the
+                // folder's lock file is held by another process.
+                Error::Unavailable(m) if m.contains("could not acquire lock") => {
+                    Error::Unavailable(folder_in_use(dir))
+                }
                 Error::Unavailable(m) => Error::Unavailable(format!(
                     "cannot open the database in {}: {m}",
                     dir.display()

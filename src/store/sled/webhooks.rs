@@ -48,10 +48,11 @@ impl SledStore {
             .scan_prefix(account_key(webhook.account_id))
             .count();
         if count >= max_per_account as usize {
-            return Err(Error::ResourceExhausted(format!(
-                "account {} already has {count} webhooks (limit {max_per_account})",
-                webhook.account_id
-            )));
+            return Err(crate::store::webhook_limit_reached(
+                webhook.account_id,
+                count,
+                max_per_account as u64,
+            ));
         }
         let value = self.encode_webhook(webhook)?;
         let secret_value = secret
