@@ -189,7 +189,7 @@ pub async fn webhook_limit_holds_under_concurrent_creates<S: Backend>(s: S) {
         match t.await.unwrap() {
             Ok(()) => ok += 1,
             Err(Error::ResourceExhausted(m)) => {
-                assert!(m.contains("limit 5"), "{m}")
+                assert!(m.contains("limits.max_webhooks_per_account = 5"), "{m}")
             }
             Err(e) => panic!("unexpected error: {e:?}"),
         }

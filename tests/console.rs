@@ -222,6 +222,12 @@ async fn console_pages_are_locked_down_and_act_only_as_the_token_may() {
             !html.contains("<script>alert(1)"),
             "{url} does not escape the name"
         );
+        if !url.ends_with("/deliveries") {
+            assert!(
+                html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+                "{url} shows the name, escaped"
+            );
+        }
         assert!(!html.contains(&secret), "{url} shows the secret");
         assert!(!html.contains(ADMIN), "{url} shows the token");
     }
@@ -324,6 +330,20 @@ async fn console_pages_are_locked_down_and_act_only_as_the_token_may() {
         .unwrap();
     assert!(own.contains(&other.id) && !own.contains(&hook.id));
 
+    // The live view streams while signed in and ends once the session does.
+    let streaming = Client::builder()
+        .redirect(redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut live = streaming
+        .get(format!("{here}/deliveries/live"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    assert_eq!(live.headers()[CONTENT_TYPE], "text/event-stream");
+
     // Sign-out ends the session: the old cookie is sent back to sign-in.
     let out = c
         .post(format!("{base}/sign-out"))
@@ -350,6 +370,14 @@ async fn console_pages_are_locked_down_and_act_only_as_the_token_may() {
         .unwrap();
     assert_eq!(post_after.status(), StatusCode::UNAUTHORIZED);
     assert!(!is_active(&mut admin).await);
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while live.chunk().await.unwrap().is_some() {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the live view kept streaming 15 s after sign-out"
+    );
 
     // Oversized and non-form bodies are refused before any work.
     let big = c
@@ -390,11 +418,25 @@ async fn the_console_uses_the_tls_certificate_and_secure_cookies() {
     let r = c.get(format!("{base}/")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.headers().contains_key("strict-transport-security"));
-    let signin = set_cookie(r.headers(), "wr_console_signin").unwrap();
+    // Over TLS the cookies are `__Host-` cookies, which browsers take only
+    // over HTTPS from this host.
+    let signin = set_cookie(r.headers(), "__Host-wr_console_signin").unwrap();
     assert!(signin.contains("Secure"), "{signin}");
-    let ok = sign_in(&c, &base, ADMIN, "1010").await;
+    let signin_value = cookie_value(&signin);
+    let html = r.text().await.unwrap();
+    let ok = c
+        .post(format!("{base}/sign-in"))
+        .header(COOKIE, format!("__Host-wr_console_signin={signin_value}"))
+        .form(&[
+            ("signin", hidden(&html, "signin").as_str()),
+            ("token", ADMIN),
+            ("account_id", "1010"),
+        ])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), StatusCode::SEE_OTHER);
-    let sid = set_cookie(ok.headers(), "wr_console").unwrap();
+    let sid = set_cookie(ok.headers(), "__Host-wr_console").unwrap();
     assert!(sid.contains("Secure") && sid.contains("HttpOnly"), "{sid}");
     // Plain HTTP to the TLS listener gets no page.
     let plain = client(None).get(format!("http://{addr}/")).send().await;

@@ -234,7 +234,10 @@ async fn metrics_listen_is_validated_and_off_by_default() {
         )],
     )
     .unwrap_err();
-    assert!(e.0.starts_with("metrics.listen:"), "{e}");
+    assert!(
+        e.0.starts_with("metrics.listen (from WEBHOOK_ROUTER__METRICS__LISTEN): must be"),
+        "{e}"
+    );
     let c = webhook_router::config::Config::load_with_env(
         None,
         vec![(

@@ -55,6 +55,8 @@ pub struct Failure {
     /// For INVALID_ARGUMENT: the form field it names (`target_url`, ...), if
     /// the form has one.
     pub field: Option<&'static str>,
+    /// Every form field the status names, with what is wrong with it.
+    pub fields: Vec<(&'static str, String)>,
     /// What went wrong, in words.
     pub words: String,
 }
@@ -94,9 +96,18 @@ impl From<Status> for Failure {
             Code::FailedPrecondition => format!("Cannot do that now: {message}."),
             _ => format!("The router failed to do that ({message}); its log has the details."),
         };
+        let fields = match s.get_details_bad_request() {
+            Some(b) if s.code() == Code::InvalidArgument => b
+                .field_violations
+                .iter()
+                .filter_map(|v| Some((form_field(&v.field)?, v.description.clone())))
+                .collect(),
+            _ => field.map(|f| vec![(f, words.clone())]).unwrap_or_default(),
+        };
         Failure {
             code: s.code(),
             field,
+            fields,
             words,
         }
     }

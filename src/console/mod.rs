@@ -50,6 +50,17 @@ use api::{AdminApi, Failure};
 use html::{alert, esc, page};
 use session::{Session, Sessions, COOKIE, SIGNIN_COOKIE};
 
+/// Over TLS the cookies carry the `__Host-` prefix: the browser then takes
+/// them only from this host over HTTPS, with `Path=/` and no `Domain`, so a
+/// sibling subdomain cannot plant one.
+fn cookie_name(console: &Console, name: &'static str) -> String {
+    if console.tls {
+        format!("__Host-{name}")
+    } else {
+        name.to_string()
+    }
+}
+
 /// Largest form body accepted.
 const MAX_FORM_BYTES: usize = 64 * 1024;
 
@@ -65,22 +76,36 @@ type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// Everything the console's requests share.
 pub struct Console {
     api: AdminApi,
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
     tls: bool,
     max_webhooks: u32,
+    /// How far back a delivery can have had an attempt
+    /// (`delivery.retry_max_age_ms`), for the chart's reads.
+    retry_max_age_s: i64,
+    /// Open connections allowed at once.
+    connections: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most console connections open at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a request body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the live view checks that its session is still signed in.
+const LIVE_CHECK: Duration = Duration::from_secs(5);
 
 impl Console {
     /// A console calling `api`, with sessions as `config.console` says.
     pub fn new(api: AdminApi, config: &crate::config::Config) -> Console {
         Console {
             api,
-            sessions: Sessions::new(
+            sessions: Arc::new(Sessions::new(
                 Duration::from_millis(config.console.session_idle_timeout_ms),
                 config.console.max_sessions as usize,
-            ),
+            )),
             tls: config.console.uses_tls(&config.tls),
             max_webhooks: config.limits.max_webhooks_per_account,
+            retry_max_age_s: (config.delivery.retry_max_age_ms / 1000) as i64,
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         }
     }
 }
@@ -88,10 +113,11 @@ impl Console {
 /// One signed-in request: what pages get.
 pub struct Ctx<'a> {
     api: &'a AdminApi,
-    sessions: &'a Sessions,
+    sessions: &'a Arc<Sessions>,
     sid: String,
     session: Session,
     max_webhooks: u32,
+    retry_max_age_s: i64,
 }
 
 impl Ctx<'_> {
@@ -101,6 +127,10 @@ impl Ctx<'_> {
 
     fn remember_account(&self, account: u64) {
         self.sessions.set_account(&self.sid, account);
+    }
+
+    fn sessions_handle(&self) -> Arc<Sessions> {
+        self.sessions.clone()
     }
 }
 
@@ -161,6 +191,13 @@ pub async fn serve(
         tracing::info!(%addr, tls = tls.is_some(), "console listening");
     }
     loop {
+        let permit = tokio::select! {
+            p = console.connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+        };
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -177,6 +214,7 @@ pub async fn serve(
         let tls = tls.clone();
         let conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = {
                 let shutdown = conn_shutdown.clone();
                 service_fn(move |req| {
@@ -271,11 +309,21 @@ async fn handle(
                 plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "forms only\n"),
             );
         }
-        match Limited::new(body, MAX_FORM_BYTES).collect().await {
-            Ok(b) => url::form_urlencoded::parse(&b.to_bytes())
+        match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_FORM_BYTES).collect()).await
+        {
+            Ok(Ok(b)) => url::form_urlencoded::parse(&b.to_bytes())
                 .into_owned()
                 .collect::<Vec<(String, String)>>(),
             Err(_) => {
+                return finish(
+                    console,
+                    plain(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the form took too long to arrive\n",
+                    ),
+                )
+            }
+            Ok(Err(_)) => {
                 return finish(
                     console,
                     plain(StatusCode::PAYLOAD_TOO_LARGE, "form too large\n"),
@@ -348,7 +396,8 @@ fn redirect(to: &str) -> hyper::Response<Body> {
     r
 }
 
-fn set_cookie(r: &mut hyper::Response<Body>, console: &Console, name: &str, value: &str) {
+fn set_cookie(r: &mut hyper::Response<Body>, console: &Console, name: &'static str, value: &str) {
+    let name = cookie_name(console, name);
     let secure = if console.tls { "; Secure" } else { "" };
     let clear = if value.is_empty() { "; Max-Age=0" } else { "" };
     if let Ok(v) = HeaderValue::from_str(&format!(
@@ -406,7 +455,7 @@ async fn route(
     if post && !same_origin(console, inc) {
         return forbidden("This form did not come from the console's own pages.");
     }
-    let sid = session::cookie(&inc.cookies, COOKIE)
+    let sid = session::cookie(&inc.cookies, &cookie_name(console, COOKIE))
         .unwrap_or("")
         .to_string();
     let session = if sid.is_empty() {
@@ -444,6 +493,7 @@ async fn route(
                 sid: sid.clone(),
                 session,
                 max_webhooks: console.max_webhooks,
+                retry_max_age_s: console.retry_max_age_s,
             };
             let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
             let reply = match (segments.as_slice(), get, post) {
@@ -601,7 +651,8 @@ async fn sign_in(
     form: &[(String, String)],
 ) -> hyper::Response<Body> {
     let account_text = pages::field(form, "account_id").trim().to_string();
-    let expected = session::cookie(&inc.cookies, SIGNIN_COOKIE).unwrap_or("");
+    let expected =
+        session::cookie(&inc.cookies, &cookie_name(console, SIGNIN_COOKIE)).unwrap_or("");
     if expected.is_empty() || !session::same_secret(pages::field(form, "signin"), expected) {
         return sign_in_page(
             console,
@@ -647,6 +698,10 @@ async fn sign_in(
         };
         return sign_in_page(console, Some(&words), 403, &account_text);
     }
+    // The browser's earlier session (if any) ends: one browser, one token.
+    if let Some(old) = session::cookie(&inc.cookies, &cookie_name(console, COOKIE)) {
+        console.sessions.remove(old);
+    }
     let sid = console.sessions.create(token, account);
     let mut r = redirect(&format!("/accounts/{account}/webhooks"));
     set_cookie(&mut r, console, COOKIE, &sid);
@@ -660,7 +715,7 @@ async fn live(
     ctx: &Ctx<'_>,
     account: u64,
     id: &str,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> hyper::Response<Body> {
     let req = pb::WatchDeliveriesRequest {
         account_id: account,
@@ -686,40 +741,54 @@ async fn live(
             return r;
         }
     };
-    let events = stream.map(|item| {
-        let text = match item {
-            Ok(m) => match m.delivery {
-                Some(d) => {
-                    let a = d.attempts.last();
-                    format!(
-                        "data: {}\n\n",
-                        serde_json::json!({
-                            "id": d.id,
-                            "state": pages::state_name(d.state),
-                            "status": a.map(|a| a.status_code).unwrap_or(0),
-                            "latency_ms": a.map(|a| a.latency_ms).unwrap_or(0),
-                            "error": a.map(|a| a.error.clone()).unwrap_or_default(),
-                            "time": a.and_then(|a| a.attempt_time.as_ref()).map(|t| html::utc(t.seconds)),
-                        })
-                    )
+    // One message per finished attempt; a comment every LIVE_CHECK keeps
+    // proxies from closing a quiet stream and checks that the session is
+    // still signed in. Ends when the session ends, WatchDeliveries ends, the
+    // router stops, or the browser goes away (hyper drops the body).
+    let sessions = ctx.sessions_handle();
+    let sid = ctx.sid.clone();
+    let mut tick = tokio::time::interval(LIVE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let frames = futures::stream::unfold(
+        (stream, tick, sessions, sid, shutdown),
+        |(mut stream, mut tick, sessions, sid, mut shutdown)| async move {
+            let text = tokio::select! {
+                item = stream.next() => match item? {
+                    Ok(m) => match m.delivery {
+                        Some(d) => {
+                            let a = d.attempts.last();
+                            format!(
+                                "data: {}\n\n",
+                                serde_json::json!({
+                                    "id": d.id,
+                                    "state": pages::state_name(d.state),
+                                    "status": a.map(|a| a.status_code).unwrap_or(0),
+                                    "latency_ms": a.map(|a| a.latency_ms).unwrap_or(0),
+                                    "error": a.map(|a| a.error.clone()).unwrap_or_default(),
+                                    "time": a.and_then(|a| a.attempt_time.as_ref()).map(|t| html::utc(t.seconds)),
+                                })
+                            )
+                        }
+                        None => format!("event: missed\ndata: {}\n\n", m.missed_count),
+                    },
+                    Err(s) => format!(
+                        "event: failure\ndata: {}\n\n",
+                        json_line(&Failure::from(s).words)
+                    ),
+                },
+                _ = tick.tick() => {
+                    if !sessions.contains(&sid) {
+                        return None;
+                    }
+                    ": keep-alive\n\n".to_string()
                 }
-                None => format!("event: missed\ndata: {}\n\n", m.missed_count),
-            },
-            Err(s) => format!(
-                "event: failure\ndata: {}\n\n",
-                json_line(&Failure::from(s).words)
-            ),
-        };
-        Ok::<_, Infallible>(Frame::data(Bytes::from(text)))
-    });
-    // A comment every 15 s keeps proxies from closing a quiet stream.
-    let beats =
-        tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(15)))
-            .map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from_static(b": keep-alive\n\n"))));
-    let merged = futures::stream::select(events, beats).take_until(async move {
-        let _ = shutdown.wait_for(|s| *s).await;
-    });
-    let mut r = hyper::Response::new(BodyExt::boxed_unsync(StreamBody::new(merged)));
+                _ = shutdown.wait_for(|s| *s) => return None,
+            };
+            let frame = Ok::<_, Infallible>(Frame::data(Bytes::from(text)));
+            Some((frame, (stream, tick, sessions, sid, shutdown)))
+        },
+    );
+    let mut r = hyper::Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

@@ -31,7 +31,7 @@ pub struct WebhookForm {
 }
 
 impl WebhookForm {
-    /// A new webhook's form: no authentication chosen yet, active.
+    /// A new webhook's form: signature authentication, active.
     fn blank() -> WebhookForm {
         WebhookForm {
             auth: "signature".into(),
@@ -110,11 +110,11 @@ struct Problems {
 impl Problems {
     fn from_failure(f: Failure) -> Problems {
         let mut p = Problems::default();
-        match f.field {
-            Some(field) => {
-                p.fields.insert(field, f.words);
-            }
-            None => p.general = Some(f.words),
+        if f.fields.is_empty() {
+            p.general = Some(f.words);
+        }
+        for (field, words) in f.fields {
+            p.fields.entry(field).or_insert(words);
         }
         p
     }
@@ -267,6 +267,9 @@ fn attempt_text(a: &pb::DeliveryAttempt) -> String {
     s
 }
 
+/// Rows of the webhook list that show their last delivery.
+const LAST_DELIVERY_ROWS: usize = 50;
+
 /// The webhook list of an account.
 pub async fn list(ctx: &Ctx<'_>, account: u64) -> Reply {
     let hooks = match list_webhooks(ctx, account).await {
@@ -303,28 +306,33 @@ pub async fn list(ctx: &Ctx<'_>, account: u64) -> Reply {
         body.push_str("<tr><td colspan=\"5\">No webhooks yet.</td></tr>");
     }
     {
-        for w in &hooks {
-            let last = match list_deliveries(
-                ctx,
-                account,
-                &w.id,
-                pb::DeliveryState::Unspecified,
-                1,
-                String::new(),
-            )
-            .await
-            {
-                Ok(r) => match r.deliveries.first() {
-                    Some(d) => {
-                        let mut s = state_name(d.state).to_string();
-                        if let Some(a) = d.attempts.last() {
-                            let _ = write!(s, ", {}", attempt_text(a));
+        for (row, w) in hooks.iter().enumerate() {
+            // Bounded work per page: the last delivery of the first 50 only.
+            let last = if row >= LAST_DELIVERY_ROWS {
+                "See the delivery log".to_string()
+            } else {
+                match list_deliveries(
+                    ctx,
+                    account,
+                    &w.id,
+                    pb::DeliveryState::Unspecified,
+                    1,
+                    String::new(),
+                )
+                .await
+                {
+                    Ok(r) => match r.deliveries.first() {
+                        Some(d) => {
+                            let mut s = state_name(d.state).to_string();
+                            if let Some(a) = d.attempts.last() {
+                                let _ = write!(s, ", {}", attempt_text(a));
+                            }
+                            s
                         }
-                        s
-                    }
-                    None => "None yet".into(),
-                },
-                Err(f) => f.words,
+                        None => "None yet".into(),
+                    },
+                    Err(f) => f.words,
+                }
             };
             let _ = write!(
                 body,
@@ -411,11 +419,19 @@ fn text_input(
     extra: &str,
     hint: &str,
 ) -> String {
-    let (attrs, err) = field_error(p, field);
+    let (mut attrs, err) = field_error(p, field);
     let hint = if hint.is_empty() {
         String::new()
     } else {
-        format!("<p class=\"hint\">{}</p>", esc(hint))
+        if attrs.is_empty() {
+            attrs = format!(" aria-describedby=\"f-{field}-hint\"");
+        } else {
+            attrs = attrs.replace(
+                &format!("aria-describedby=\"{field}-error\""),
+                &format!("aria-describedby=\"{field}-error f-{field}-hint\""),
+            );
+        }
+        format!("<p class=\"hint\" id=\"f-{field}-hint\">{}</p>", esc(hint))
     };
     let kind = if extra.contains("type=") {
         ""
@@ -520,7 +536,7 @@ fn webhook_form(
         "",
         " type=\"password\" autocomplete=\"new-password\"",
         if editing {
-            "Basic only. Leave empty to keep the stored password."
+            "Basic only. Leave empty to keep the stored password (same username)."
         } else {
             "Basic only."
         },
@@ -555,6 +571,25 @@ fn webhook_form(
                      <span class=\"hint\" id=\"f-et-{i}-hint\">{d}</span></div>",
                     n = esc(&t.name),
                     d = esc(&t.description)
+                );
+            }
+            b.push_str("</fieldset>");
+        }
+        // Subscribed types the catalog no longer has stay checked, so saving
+        // the form does not drop them unseen.
+        let unknown: Vec<&String> = form
+            .event_types
+            .iter()
+            .filter(|n| !types.iter().any(|t| &t.name == *n))
+            .collect();
+        if !unknown.is_empty() {
+            b.push_str("<fieldset class=\"group\"><legend>Not in the catalog</legend>");
+            for (i, n) in unknown.iter().enumerate() {
+                let _ = write!(
+                    b,
+                    "<div class=\"choice\"><input type=\"checkbox\" id=\"f-etx-{i}\" \
+                     name=\"event_types\" value=\"{n}\" checked> <label for=\"f-etx-{i}\">{n}</label></div>",
+                    n = esc(n)
                 );
             }
             b.push_str("</fieldset>");
@@ -649,6 +684,7 @@ pub async fn create(ctx: &Ctx<'_>, account: u64, pairs: &[(String, String)]) -> 
     if action == "test" {
         let t = test_form(ctx, account, &form).await;
         return match t.0 {
+            Err(f) if f.code == Code::Unauthenticated => Reply::SignedOut(f.words),
             Err(f) if f.field.is_some() => again(Problems::from_failure(f), None, 400),
             _ => again(Problems::default(), Some(t), 200),
         };
@@ -786,12 +822,20 @@ pub async fn show(ctx: &Ctx<'_>, account: u64, id: &str, test: Option<TestOutcom
         "<section aria-labelledby=\"chart-h\"><h2 id=\"chart-h\">Deliveries per minute, last hour</h2>",
     );
     match recent_deliveries(ctx, account, id).await {
-        Ok(ds) => {
+        Ok((ds, cut_short)) => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0);
             b.push_str(&chart::render(&chart::bucket(&ds, now)));
+            if cut_short {
+                let _ = write!(
+                    b,
+                    "<p class=\"hint\">Counted from the newest {} deliveries only: the real \
+                     numbers are at least these.</p>",
+                    ds.len()
+                );
+            }
         }
         Err(f) => b.push_str(&alert(&f.words)),
     }
@@ -799,13 +843,13 @@ pub async fn show(ctx: &Ctx<'_>, account: u64, id: &str, test: Option<TestOutcom
     Reply::Html(200, page(&w.name, Some(&chrome(ctx, account)), &b))
 }
 
-/// Deliveries with an attempt in the last hour, newest first; at most 5,000
-/// are read.
+/// Deliveries that may have an attempt in the last hour, newest first, and
+/// whether the read stopped at its bound (5,000) before reaching older ones.
 async fn recent_deliveries(
     ctx: &Ctx<'_>,
     account: u64,
     id: &str,
-) -> Result<Vec<pb::Delivery>, Failure> {
+) -> Result<(Vec<pb::Delivery>, bool), Failure> {
     let cutoff = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -833,17 +877,19 @@ async fn recent_deliveries(
                 .map(|t| t.seconds)
                 .unwrap_or(0);
             let created = d.create_time.as_ref().map(|t| t.seconds).unwrap_or(0);
-            if created < cutoff - 7 * 86_400 && last < cutoff {
+            // Newest first: a delivery created before the last hour minus the
+            // longest retry span has no attempt in the hour, nor do older ones.
+            if created < cutoff - ctx.retry_max_age_s && last < cutoff {
                 older = true;
             }
             out.push(d);
         }
         if older || r.next_page_token.is_empty() {
-            break;
+            return Ok((out, false));
         }
         token = r.next_page_token;
     }
-    Ok(out)
+    Ok((out, true))
 }
 
 /// "Test webhook" on a saved webhook.
@@ -917,8 +963,18 @@ pub async fn update(ctx: &Ctx<'_>, account: u64, id: &str, pairs: &[(String, Str
     };
     if action == "test" {
         // A Basic webhook whose password field is left empty keeps its stored
-        // password: test the saved webhook's credentials then.
-        let t = if form.auth == "basic" && form.password.is_empty() {
+        // password: with the same username and target, test the saved
+        // webhook (the API never hands out the stored password); otherwise
+        // test the form, whose missing password the API names.
+        let saved_basic_same_user = matches!(
+            current.auth.as_ref().and_then(|a| a.method.as_ref()),
+            Some(Method::Basic(b)) if b.username == form.username
+        );
+        let t = if form.auth == "basic"
+            && form.password.is_empty()
+            && saved_basic_same_user
+            && form.target_url == current.target_url
+        {
             let req = pb::TestWebhookRequest {
                 account_id: account,
                 target: Some(pb::test_webhook_request::Target::WebhookId(id.into())),
@@ -936,6 +992,7 @@ pub async fn update(ctx: &Ctx<'_>, account: u64, id: &str, pairs: &[(String, Str
             test_form(ctx, account, &form).await
         };
         return match t.0 {
+            Err(f) if f.code == Code::Unauthenticated => Reply::SignedOut(f.words),
             Err(f) if f.field.is_some() => again(Problems::from_failure(f), None, 400),
             _ => again(Problems::default(), Some(t), 200),
         };
@@ -957,10 +1014,15 @@ pub async fn update(ctx: &Ctx<'_>, account: u64, id: &str, pairs: &[(String, Str
         .await;
     if let Err(s) = updated {
         let f = Failure::from(s);
-        if f.code == Code::Unauthenticated {
-            return Reply::SignedOut(f.words);
-        }
-        return again(Problems::from_failure(f), None, 400);
+        return match f.code {
+            Code::Unauthenticated => Reply::SignedOut(f.words),
+            Code::InvalidArgument | Code::FailedPrecondition => {
+                again(Problems::from_failure(f), None, 400)
+            }
+            Code::ResourceExhausted => again(Problems::from_failure(f), None, 429),
+            Code::Unavailable => again(Problems::from_failure(f), None, 503),
+            _ => failure_page(ctx, account, f),
+        };
     }
     let mut note = "Webhook saved.".to_string();
     if form.active != current.active {
@@ -1041,7 +1103,10 @@ pub async fn download_secret(ctx: &Ctx<'_>, account: u64, id: &str) -> Reply {
 
 /// Rotate secret with the chosen grace period.
 pub async fn rotate(ctx: &Ctx<'_>, account: u64, id: &str, pairs: &[(String, String)]) -> Reply {
-    let grace: u32 = field(pairs, "grace_seconds").parse().unwrap_or(0);
+    let Ok(grace) = field(pairs, "grace_seconds").parse::<u32>() else {
+        ctx.flash("Choose a grace period; the secret was not rotated.");
+        return Reply::Redirect(format!("{}/{}", base(account), id));
+    };
     let req = pb::RotateWebhookSecretRequest {
         account_id: account,
         webhook_id: id.into(),
@@ -1159,7 +1224,11 @@ pub async fn deliveries(
         "<h1>Delivery log</h1><p>Webhook <a href=\"{here}\">{}</a>, newest first.</p>",
         esc(&w.name)
     );
-    b.push_str("<form class=\"inline\" method=\"get\" action=\"\"><label for=\"f-state\">State</label> <select id=\"f-state\" name=\"state\">");
+    let _ = write!(
+        b,
+        "<form class=\"inline\" method=\"get\" action=\"{here}/deliveries\">\
+         <label for=\"f-state\">State</label> <select id=\"f-state\" name=\"state\">"
+    );
     for (k, _, label) in STATES {
         let sel = if k == state_key { " selected" } else { "" };
         let _ = write!(b, "<option value=\"{k}\"{sel}>{label}</option>");

@@ -110,6 +110,13 @@ impl Sessions {
         Some(copy)
     }
 
+    /// Whether session `id` is still signed in (does not count as use).
+    pub fn contains(&self, id: &str) -> bool {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id)
+            .is_some_and(|s| s.last_seen.elapsed() < self.idle)
+    }
+
     /// Leaves `message` for the next page of session `id`.
     pub fn flash(&self, id: &str, message: impl Into<String>) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());

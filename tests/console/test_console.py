@@ -562,9 +562,24 @@ def run(args: argparse.Namespace, router: Router, recording: Listener, failing: 
             context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
             page = context.new_page()
             page.set_default_timeout(UI_TIMEOUT_MS)
+            # Script errors and console errors (a refused script or style is
+            # one); the 4xx answers the scenario provokes on purpose (403 Not
+            # allowed, 429 Limit reached) are logged by Chromium too and skipped.
+            browser_errors: list[str] = []
+            page.on("pageerror", lambda e: browser_errors.append(f"script error: {e}"))
+            page.on(
+                "console",
+                lambda m: browser_errors.append(f"console {m.type}: {m.text}")
+                if m.type == "error" and "responded with a status of 4" not in m.text
+                else None,
+            )
             c = Console(page, base, screenshots)
             try:
                 scenario(c, router, recording, failing, signed_name, failing_name, filler_names, account1_names)
+                # Refused scripts or styles (Content-Security-Policy) and script
+                # errors show up here; the console must cause none.
+                if browser_errors:
+                    raise TestFailure("the browser reported errors:\n  " + "\n  ".join(browser_errors))
             except BaseException:
                 try:
                     c.shot("failure")
@@ -898,6 +913,14 @@ def scenario(
             raise TestFailure(f"account 2's webhook list shows account 1's webhook {name!r}")
         expect(page.get_by_role("link", name=name, exact=True)).to_have_count(0)
     c.shot("account-2-webhooks")
+    # Signed in for account 2, the address of account 1's list is refused.
+    page.goto(f"{c.base}{a1}")
+    c.alert("Not allowed:")
+    content = page.content()
+    for name in account1_names:
+        if name in content:
+            raise TestFailure(f"account 2's session was shown account 1's webhook {name!r}")
+    c.shot("account-2-opens-account-1")
     c.sign_out()
 
     print("account 1 with account 2's token: Not allowed")

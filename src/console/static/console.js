@@ -18,7 +18,13 @@
     while (list.children.length > 100) { list.removeChild(list.lastChild); }
   };
   source.onopen = function () { say("Connected: finished attempts appear here as they happen."); };
-  source.onerror = function () { say("Connection lost; reconnecting."); };
+  source.onerror = function () {
+    if (source.readyState === EventSource.CLOSED) {
+      say("Disconnected; reload the page to follow new attempts.");
+    } else {
+      say("Connection lost; reconnecting.");
+    }
+  };
   source.onmessage = function (e) {
     var d = JSON.parse(e.data);
     var code = d.status ? "HTTP " + d.status : "No response";
