@@ -354,7 +354,9 @@ pub fn check_startup(config: &Config) -> Result<Option<ServerTlsConfig>> {
             "storage.secret_key: must be the standard base64 of exactly 32 bytes".into(),
         ));
     }
-    load_tls(config)
+    let tls = load_tls(config)?;
+    crate::console::tls_acceptor(config)?;
+    Ok(tls)
 }
 
 /// The TLS settings of `[tls]`, if configured; unreadable files stop the start.

@@ -189,6 +189,13 @@ pub async fn serve(
 ) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, tls = tls.is_some(), "console listening");
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "the console listens beyond loopback without TLS: admin tokens and session \
+                 cookies cross the network in clear; configure [tls] (console.tls follows it)"
+            );
+        }
     }
     loop {
         let permit = tokio::select! {
