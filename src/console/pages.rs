@@ -132,6 +132,16 @@ fn chrome<'a>(ctx: &'a Ctx<'_>, account: u64) -> Chrome<'a> {
     }
 }
 
+/// After a failed action: back to sign-in when the token is no longer
+/// accepted (the reply), otherwise the failure in words on the next page.
+fn flash_failure(ctx: &Ctx<'_>, f: Failure) -> Option<Reply> {
+    if f.code == Code::Unauthenticated {
+        return Some(Reply::SignedOut(f.words));
+    }
+    ctx.flash(f.words);
+    None
+}
+
 /// A page that only says what went wrong (a failed read).
 fn failure_page(ctx: &Ctx<'_>, account: u64, f: Failure) -> Reply {
     if f.code == Code::Unauthenticated {
@@ -636,11 +646,23 @@ pub async fn new_form(ctx: &Ctx<'_>, account: u64) -> Reply {
 }
 
 async fn test_form(ctx: &Ctx<'_>, account: u64, form: &WebhookForm) -> TestOutcome {
+    test_target(
+        ctx,
+        account,
+        pb::test_webhook_request::Target::Webhook(form.to_webhook("")),
+    )
+    .await
+}
+
+/// TestWebhook on a saved (`WebhookId`) or an unsaved (`Webhook`) target.
+async fn test_target(
+    ctx: &Ctx<'_>,
+    account: u64,
+    target: pb::test_webhook_request::Target,
+) -> TestOutcome {
     let req = pb::TestWebhookRequest {
         account_id: account,
-        target: Some(pb::test_webhook_request::Target::Webhook(
-            form.to_webhook(""),
-        )),
+        target: Some(target),
         event_name: String::new(),
     };
     TestOutcome(
@@ -894,19 +916,13 @@ async fn recent_deliveries(
 
 /// "Test webhook" on a saved webhook.
 pub async fn test_saved(ctx: &Ctx<'_>, account: u64, id: &str) -> Reply {
-    let req = pb::TestWebhookRequest {
-        account_id: account,
-        target: Some(pb::test_webhook_request::Target::WebhookId(id.into())),
-        event_name: String::new(),
-    };
-    let r = ctx
-        .api
-        .call(&ctx.session.token, req, |s, r| async move {
-            s.test_webhook(r).await
-        })
-        .await
-        .map_err(Failure::from);
-    show(ctx, account, id, Some(TestOutcome(r))).await
+    let t = test_target(
+        ctx,
+        account,
+        pb::test_webhook_request::Target::WebhookId(id.into()),
+    )
+    .await;
+    show(ctx, account, id, Some(t)).await
 }
 
 /// The Edit form.
@@ -975,19 +991,12 @@ pub async fn update(ctx: &Ctx<'_>, account: u64, id: &str, pairs: &[(String, Str
             && saved_basic_same_user
             && form.target_url == current.target_url
         {
-            let req = pb::TestWebhookRequest {
-                account_id: account,
-                target: Some(pb::test_webhook_request::Target::WebhookId(id.into())),
-                event_name: String::new(),
-            };
-            TestOutcome(
-                ctx.api
-                    .call(&ctx.session.token, req, |s, r| async move {
-                        s.test_webhook(r).await
-                    })
-                    .await
-                    .map_err(Failure::from),
+            test_target(
+                ctx,
+                account,
+                pb::test_webhook_request::Target::WebhookId(id.into()),
             )
+            .await
         } else {
             test_form(ctx, account, &form).await
         };
@@ -1045,8 +1054,11 @@ pub async fn toggle(ctx: &Ctx<'_>, account: u64, id: &str, active: bool) -> Repl
         } else {
             "Webhook retired: events wait until it is activated."
         }),
-        Err(f) if f.code == Code::Unauthenticated => return Reply::SignedOut(f.words),
-        Err(f) => ctx.flash(f.words),
+        Err(f) => {
+            if let Some(out) = flash_failure(ctx, f) {
+                return out;
+            }
+        }
     }
     Reply::Redirect(format!("{}/{}", base(account), id))
 }
@@ -1090,14 +1102,8 @@ pub async fn download_secret(ctx: &Ctx<'_>, account: u64, id: &str) -> Reply {
                 body: serde_json::to_vec_pretty(&json).unwrap_or_default(),
             }
         }
-        Err(s) => {
-            let f = Failure::from(s);
-            if f.code == Code::Unauthenticated {
-                return Reply::SignedOut(f.words);
-            }
-            ctx.flash(f.words);
-            Reply::Redirect(format!("{}/{}", base(account), id))
-        }
+        Err(s) => flash_failure(ctx, Failure::from(s))
+            .unwrap_or_else(|| Reply::Redirect(format!("{}/{}", base(account), id))),
     }
 }
 
@@ -1133,11 +1139,9 @@ pub async fn rotate(ctx: &Ctx<'_>, account: u64, id: &str, pairs: &[(String, Str
             }
         )),
         Err(s) => {
-            let f = Failure::from(s);
-            if f.code == Code::Unauthenticated {
-                return Reply::SignedOut(f.words);
+            if let Some(out) = flash_failure(ctx, Failure::from(s)) {
+                return out;
             }
-            ctx.flash(f.words)
         }
     }
     Reply::Redirect(format!("{}/{}", base(account), id))
@@ -1330,11 +1334,9 @@ pub async fn redeliver(ctx: &Ctx<'_>, account: u64, id: &str, pairs: &[(String, 
         Ok(r) if r.requeued_count == 1 => ctx.flash("Requeued 1 delivery."),
         Ok(r) => ctx.flash(format!("Requeued {} deliveries.", r.requeued_count)),
         Err(s) => {
-            let f = Failure::from(s);
-            if f.code == Code::Unauthenticated {
-                return Reply::SignedOut(f.words);
+            if let Some(out) = flash_failure(ctx, Failure::from(s)) {
+                return out;
             }
-            ctx.flash(f.words)
         }
     }
     let back = field(pairs, "back_state");
