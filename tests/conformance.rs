@@ -565,6 +565,88 @@ pub async fn a_dead_delivery_is_redelivered_first<S: Backend>(s: S) {
     );
 }
 
+/// Recovery requeues a dead delivery of the states asked for once: two
+/// recoveries racing for the same ids requeue each once between them, and
+/// neither a later recovery nor a bulk redelivery takes them again.
+pub async fn recovery_requeues_each_dead_delivery_once<S: Backend>(s: S) {
+    let (key, filter) = lane_of(&s, 24).await;
+    let mut dead = Vec::new();
+    for (i, id) in ["r1", "r2"].into_iter().enumerate() {
+        s.append_events(24, vec![new_event(id, Mode::Realtime)], 1 + i as i64)
+            .await
+            .unwrap();
+        let (mut r, ids, _) = next_send(&s, &key, &filter, 0).await;
+        assert_eq!(ids, [id]);
+        r.push_attempt(attempt(500));
+        r.finish(DeliveryState::Dead, 1_700_000_000_010 + i as i64);
+        let events = s.read_events(24, i as u64, 1).await.unwrap();
+        s.lane_finish(key.clone(), r.clone(), Arc::new(events))
+            .await
+            .unwrap();
+        dead.push(r.id);
+    }
+    s.save_lanes().await.unwrap();
+    let mut ids = dead.clone();
+    ids.insert(1, new_id("msg_"));
+    let expired_only = s
+        .recover_deliveries(
+            &key.webhook_id,
+            ids.clone(),
+            vec![DeliveryState::Expired],
+            1_700_000_000_020,
+        )
+        .await
+        .unwrap();
+    assert_eq!(expired_only, 0, "neither is EXPIRED");
+    let (a, b) = tokio::join!(
+        s.recover_deliveries(
+            &key.webhook_id,
+            ids.clone(),
+            vec![DeliveryState::Dead],
+            1_700_000_000_021
+        ),
+        s.recover_deliveries(
+            &key.webhook_id,
+            ids.clone(),
+            vec![DeliveryState::Dead],
+            1_700_000_000_021
+        ),
+    );
+    assert_eq!(
+        a.unwrap() + b.unwrap(),
+        2,
+        "each dead delivery requeued once"
+    );
+    let again = s
+        .recover_deliveries(
+            &key.webhook_id,
+            ids,
+            vec![DeliveryState::Dead],
+            1_700_000_000_022,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+    let bulk = s
+        .redeliver(&key.webhook_id, None, 1_700_000_000_023, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(bulk, 0, "recovered ones are not requeued in bulk again");
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let (copy, ids, from_queue) = next_send(&s, &key, &filter, 0).await;
+        assert!(from_queue && copy.redelivery);
+        delivered(&s, &key, copy).await;
+        sent.extend(ids);
+    }
+    sent.sort();
+    assert_eq!(sent, ["r1", "r2"]);
+    assert!(
+        lane_is_idle(&s, &key, &filter).await,
+        "nothing else requeued"
+    );
+}
+
 /// One `#[tokio::test]` per property for the backend `$fresh` opens:
 /// `$fresh()` returns `(store, guard)`, the guard keeping the store's
 /// resources (a folder, a schema) alive for the test.
@@ -581,6 +663,7 @@ macro_rules! conformance_tests {
                 a_lane_sends_in_order_and_moves_on,
                 a_failed_payload_keeps_its_id_and_events,
                 a_dead_delivery_is_redelivered_first,
+                recovery_requeues_each_dead_delivery_once,
             );
         }
     };

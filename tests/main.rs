@@ -28,6 +28,7 @@ mod limits;
 mod metrics;
 mod power_loss;
 mod races;
+mod recovery;
 mod restart;
 mod retention;
 mod retry;

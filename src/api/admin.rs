@@ -608,4 +608,24 @@ impl WebhookAdmin for AdminService {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+
+    type RecoverDeliveriesStream = super::recovery::RecoverStream;
+
+    async fn recover_deliveries(
+        &self,
+        req: Request<pb::RecoverDeliveriesRequest>,
+    ) -> Result<Response<Self::RecoverDeliveriesStream>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let w = self.load(r.account_id, &r.webhook_id).await?;
+        let window = super::recovery::window(r, now_ms())?;
+        let permit = principal(&req)?.open_stream()?;
+        Ok(Response::new(super::recovery::start(
+            self.state.clone(),
+            r.account_id,
+            w.id,
+            window,
+            permit,
+        )))
+    }
 }

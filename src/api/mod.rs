@@ -7,6 +7,7 @@ pub mod conn;
 pub mod convert;
 pub mod ingest;
 pub mod layers;
+pub mod recovery;
 
 use std::sync::Arc;
 

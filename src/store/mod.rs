@@ -225,6 +225,21 @@ pub trait DeliveryLog {
     ) -> impl Future<Output = Result<usize>> + Send
     where
         P: FnMut(usize, usize) + Send + 'static;
+
+    /// Requeues those of the deliveries named by `ids` that are in one of
+    /// `states`, were not requeued in bulk before (by a RedeliverEvents
+    /// without ids or an earlier recovery) and whose events are still
+    /// stored; marks them requeued, so no later recovery or bulk
+    /// redelivery takes them again, even one running at the same time.
+    /// Unknown ids and the others are left alone. Returns how many it
+    /// requeued.
+    fn recover_deliveries(
+        &self,
+        webhook_id: &str,
+        ids: Vec<String>,
+        states: Vec<DeliveryState>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<usize>> + Send;
 }
 
 /// Durability, failure and recovery.
@@ -520,6 +535,15 @@ impl DeliveryLog for Store {
         P: FnMut(usize, usize) + Send + 'static,
     {
         on_backend!(self, s => DeliveryLog::redeliver(s, webhook_id, ids, now_ms, progress).await)
+    }
+    async fn recover_deliveries(
+        &self,
+        webhook_id: &str,
+        ids: Vec<String>,
+        states: Vec<DeliveryState>,
+        now_ms: i64,
+    ) -> Result<usize> {
+        on_backend!(self, s => DeliveryLog::recover_deliveries(s, webhook_id, ids, states, now_ms).await)
     }
 }
 

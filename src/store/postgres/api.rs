@@ -211,6 +211,16 @@ impl DeliveryLog for PgStore {
     {
         self.noted(self.redeliver_impl(webhook_id, ids, now_ms, progress).await)
     }
+
+    async fn recover_deliveries(
+        &self,
+        webhook_id: &str,
+        ids: Vec<String>,
+        states: Vec<DeliveryState>,
+        now_ms: i64,
+    ) -> Result<usize> {
+        self.noted(self.recover_impl(webhook_id, ids, states, now_ms).await)
+    }
 }
 
 impl StoreHealth for PgStore {

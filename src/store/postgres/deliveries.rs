@@ -5,7 +5,7 @@
 //! store. Requeued deliveries (RedeliverEvents) are copies under new ids,
 //! with their events, named in `requeued` until their lane takes them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use super::engine::encode_payload;
@@ -217,8 +217,7 @@ impl PgStore {
                 let total = originals.len();
                 let mut done = 0;
                 for chunk in originals.chunks(REQUEUE_CHUNK) {
-                    self.requeue_chunk(webhook_id, chunk, false, now_ms).await?;
-                    done += chunk.len();
+                    done += self.requeue_chunk(webhook_id, chunk, false, now_ms).await?;
                     progress(done, total);
                 }
                 Ok(total)
@@ -284,13 +283,41 @@ impl PgStore {
                     if chunk.is_empty() {
                         continue;
                     }
-                    self.requeue_chunk(webhook_id, &chunk, true, now_ms).await?;
-                    done += chunk.len();
+                    done += self.requeue_chunk(webhook_id, &chunk, true, now_ms).await?;
                     progress(done, total.max(done));
                 }
                 Ok(done)
             }
         }
+    }
+
+    /// [`crate::store::DeliveryLog::recover_deliveries`].
+    pub(super) async fn recover_impl(
+        &self,
+        webhook_id: &str,
+        ids: Vec<String>,
+        states: Vec<DeliveryState>,
+        now_ms: i64,
+    ) -> Result<usize> {
+        let mut originals = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let Some((r, payload)) = self.delivery_with_payload(webhook_id, id).await? else {
+                continue;
+            };
+            if !states.contains(&r.state) || r.redelivered {
+                continue;
+            }
+            let events = self.events_of(&r, payload).await?;
+            if events.is_empty() || events.len() < r.seqs.len() {
+                continue;
+            }
+            originals.push((r, events));
+        }
+        let mut done = 0;
+        for chunk in originals.chunks(REQUEUE_CHUNK) {
+            done += self.requeue_chunk(webhook_id, chunk, true, now_ms).await?;
+        }
+        Ok(done)
     }
 
     /// One transaction of a redelivery: the copies (with their events),
@@ -303,7 +330,7 @@ impl PgStore {
         chunk: &[(DeliveryRecord, Vec<StoredEvent>)],
         bulk: bool,
         now_ms: i64,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let mut copies = Vec::with_capacity(chunk.len());
         for (original, events) in chunk {
             let mut copy = DeliveryRecord::new(
@@ -319,19 +346,7 @@ impl PgStore {
             );
             copy.redelivery = true;
             copy.events_kept = true;
-            copies.push((copy, encode_payload(events)));
-        }
-        let mut ci = Vec::with_capacity(copies.len());
-        let mut cm = Vec::with_capacity(copies.len());
-        let mut cs = Vec::with_capacity(copies.len());
-        let mut cb = Vec::with_capacity(copies.len());
-        let mut cp: Vec<&[u8]> = Vec::with_capacity(copies.len());
-        for (c, p) in &copies {
-            ci.push(c.id.as_str());
-            cm.push(lane_mode_code(c.mode));
-            cs.push(state_code(c.state));
-            cb.push(serde_json::to_vec(c)?);
-            cp.push(p.as_slice());
+            copies.push((copy, encode_payload(events), original.id.as_str()));
         }
         let mut oi = Vec::new();
         let mut ob = Vec::new();
@@ -366,6 +381,37 @@ impl PgStore {
         if !live {
             return Err(Error::NotFound(format!("webhook {webhook_id}")));
         }
+        if bulk {
+            // Marked first, and only where no other call marked them: of two
+            // redeliveries racing for one dead delivery, one requeues it.
+            // Not a lane's outcome: the feed does not pass it on.
+            let marked: HashSet<String> = tx
+                .query(
+                    "UPDATE deliveries AS d SET redelivered = true, body = u.b, outcome = false \
+                     FROM unnest($2::text[], $3::bytea[]) AS u(i, b) \
+                     WHERE d.webhook_id = $1 AND d.delivery_id = u.i AND NOT d.redelivered \
+                     RETURNING d.delivery_id",
+                    &[&webhook_id, &oi, &ob],
+                )
+                .await
+                .map_err(map_db)?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            copies.retain(|(_, _, original)| marked.contains(*original));
+        }
+        let mut ci = Vec::with_capacity(copies.len());
+        let mut cm = Vec::with_capacity(copies.len());
+        let mut cs = Vec::with_capacity(copies.len());
+        let mut cb = Vec::with_capacity(copies.len());
+        let mut cp: Vec<&[u8]> = Vec::with_capacity(copies.len());
+        for (c, p, _) in &copies {
+            ci.push(c.id.as_str());
+            cm.push(lane_mode_code(c.mode));
+            cs.push(state_code(c.state));
+            cb.push(serde_json::to_vec(c)?);
+            cp.push(p.as_slice());
+        }
         tx.execute(
             "INSERT INTO deliveries (webhook_id, delivery_id, finish_ms, state, body, payload, \
                                      writer, change_seq) \
@@ -385,26 +431,18 @@ impl PgStore {
         )
         .await
         .map_err(map_db)?;
-        if bulk {
-            // Not a lane's outcome: the feed does not pass it on.
-            tx.execute(
-                "UPDATE deliveries AS d SET redelivered = true, body = u.b, outcome = false \
-                 FROM unnest($2::text[], $3::bytea[]) AS u(i, b) \
-                 WHERE d.webhook_id = $1 AND d.delivery_id = u.i",
-                &[&webhook_id, &oi, &ob],
-            )
-            .await
-            .map_err(map_db)?;
-        }
         tx.commit().await.map_err(map_db)?;
         for h in &handles {
-            let n = copies.iter().filter(|(c, _)| c.mode == h.key.mode).count();
+            let n = copies
+                .iter()
+                .filter(|(c, _, _)| c.mode == h.key.mode)
+                .count();
             if n > 0 && h.epoch() != 0 && h.tally.seeded() {
                 h.tally.requeued.fetch_add(n as i64, Ordering::AcqRel);
             }
             h.requeue_check.store(true, Ordering::Release);
         }
         drop(guards);
-        Ok(())
+        Ok(copies.len())
     }
 }

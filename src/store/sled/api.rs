@@ -252,6 +252,21 @@ impl DeliveryLog for SledStore {
         self.flush().await?;
         Ok(total)
     }
+
+    async fn recover_deliveries(
+        &self,
+        webhook_id: &str,
+        ids: Vec<String>,
+        states: Vec<DeliveryState>,
+        now_ms: i64,
+    ) -> Result<usize> {
+        let webhook_id = webhook_id.to_string();
+        let n = self
+            .blocking(move |s| s.recover(&webhook_id, &ids, &states, now_ms))
+            .await?;
+        self.flush().await?;
+        Ok(n)
+    }
 }
 
 impl StoreHealth for SledStore {

@@ -946,8 +946,13 @@ impl SledStore {
         webhook_id: &str,
         ids: Option<&[String]>,
         now_ms: i64,
-        mut progress: impl FnMut(usize, usize),
+        progress: impl FnMut(usize, usize),
     ) -> Result<usize> {
+        let _serial = self
+            .inner
+            .redeliver_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut originals = Vec::new();
         match ids {
             Some(ids) => {
@@ -991,7 +996,54 @@ impl SledStore {
                 }
             }
         }
-        let bulk = ids.is_none();
+        self.requeue(webhook_id, &originals, ids.is_none(), now_ms, progress)?;
+        Ok(originals.len())
+    }
+
+    /// Requeues those of `ids` that are in one of `states`, were not
+    /// requeued in bulk yet and still have their events, marking them
+    /// requeued (see [`crate::store::DeliveryLog::recover_deliveries`]).
+    pub fn recover(
+        &self,
+        webhook_id: &str,
+        ids: &[String],
+        states: &[DeliveryState],
+        now_ms: i64,
+    ) -> Result<usize> {
+        let _serial = self
+            .inner
+            .redeliver_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut originals = Vec::new();
+        for id in ids {
+            let Some(r) = self.delivery(webhook_id, id)? else {
+                continue;
+            };
+            if !states.contains(&r.state) || r.redelivered {
+                continue;
+            }
+            let events = self.events_of(&r)?;
+            if events.is_empty() || events.len() < r.seqs.len() {
+                continue;
+            }
+            originals.push((r, events));
+        }
+        self.requeue(webhook_id, &originals, true, now_ms, |_, _| {})?;
+        Ok(originals.len())
+    }
+
+    /// Queues a copy of each of `originals` on its lane, in batches of
+    /// 1000; with `bulk` the originals are marked requeued (and leave the
+    /// dead index). `progress(done, total)` after each batch.
+    fn requeue(
+        &self,
+        webhook_id: &str,
+        originals: &[(DeliveryRecord, Vec<StoredEvent>)],
+        bulk: bool,
+        now_ms: i64,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<()> {
         for (n, chunk) in originals.chunks(1000).enumerate() {
             let mut batch = sled::Batch::default();
             for (original, events) in chunk {
@@ -1040,7 +1092,7 @@ impl SledStore {
             drop(held);
             progress(n * 1000 + chunk.len(), originals.len());
         }
-        Ok(originals.len())
+        Ok(())
     }
 
     /// Requeued deliveries waiting in a lane.

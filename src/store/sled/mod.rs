@@ -94,6 +94,9 @@ struct Inner {
     lanes: sled::Tree,
     /// Serialises webhook writes so the per-account limit cannot be raced.
     admin_lock: std::sync::Mutex<()>,
+    /// Serialises redeliveries, so two of them never requeue one dead
+    /// delivery twice.
+    redeliver_lock: std::sync::Mutex<()>,
     /// Serialises appends: idempotency checks and sequence numbers.
     append_lock: std::sync::Mutex<log::AppendState>,
     /// Publish calls waiting for the log writer (see `append_events`).
@@ -170,6 +173,7 @@ impl SledStore {
             meta,
             db,
             admin_lock: std::sync::Mutex::new(()),
+            redeliver_lock: std::sync::Mutex::new(()),
             append_lock: std::sync::Mutex::new(append_state),
             append_queue: std::sync::Mutex::default(),
             lane_registry: deliveries::LaneRegistry::default(),
