@@ -1427,9 +1427,8 @@ mod tests {
 
     #[test]
     fn telemetry_keys_are_validated_by_name() {
-        let (_d, path) = file(
-            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\nsample_ratio = 0.25\n",
-        );
+        let (_d, path) =
+            file("[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\nsample_ratio = 0.25\n");
         let c = load_file(&path, &[]).unwrap();
         assert_eq!(
             c.telemetry.otlp_endpoint.as_deref(),
@@ -1439,8 +1438,14 @@ mod tests {
         assert_eq!(c.telemetry.sample_ratio, 0.25);
         assert!(Config::default().telemetry.otlp_endpoint.is_none());
         for (text, key) in [
-            ("otlp_endpoint = \"127.0.0.1:4318\"", "telemetry.otlp_endpoint"),
-            ("otlp_endpoint = \"grpc://127.0.0.1:4317\"", "telemetry.otlp_endpoint"),
+            (
+                "otlp_endpoint = \"127.0.0.1:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "otlp_endpoint = \"grpc://127.0.0.1:4317\"",
+                "telemetry.otlp_endpoint",
+            ),
             ("sample_ratio = 1.5", "telemetry.sample_ratio"),
             ("sample_ratio = -0.1", "telemetry.sample_ratio"),
             ("service_name = \" \"", "telemetry.service_name"),
@@ -1456,7 +1461,10 @@ mod tests {
         let (_d, path) =
             file("[telemetry]\notlp_endpoint = \"https://u:hunter2@otel.example:4318\"\n");
         let shown = load_file(&path, &[]).unwrap().to_masked_toml();
-        assert!(!shown.contains("hunter2") && shown.contains("otel.example"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("otel.example"),
+            "{shown}"
+        );
     }
 
     #[test]

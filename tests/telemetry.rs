@@ -69,9 +69,11 @@ impl Collector {
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or_default()
                                 .to_string();
-                            seen.lock()
-                                .unwrap()
-                                .push(format!("{} {} {kind}", parts.method, parts.uri.path()));
+                            seen.lock().unwrap().push(format!(
+                                "{} {} {kind}",
+                                parts.method,
+                                parts.uri.path()
+                            ));
                             let ok = parts.method == hyper::Method::POST
                                 && parts.uri.path() == "/v1/traces"
                                 && kind == "application/x-protobuf";
@@ -284,7 +286,10 @@ async fn one_trace_runs_from_the_publish_call_to_every_attempt() {
     for p in [p1, p2, p3] {
         assert_eq!(int(&p.attributes, "webhook_router.account_id"), Some(1010));
         assert_eq!(int(&p.attributes, "webhook_router.event_count"), Some(1));
-        assert_eq!(string(&p.attributes, "rpc.method").as_deref(), Some("PublishEvents"));
+        assert_eq!(
+            string(&p.attributes, "rpc.method").as_deref(),
+            Some("PublishEvents")
+        );
     }
 
     let mut attempts: Vec<Span> = attempts.into_iter().map(|g| g.span).collect();
@@ -302,7 +307,10 @@ async fn one_trace_runs_from_the_publish_call_to_every_attempt() {
             Some(r.header("webhook-id")),
             "attempt {i}"
         );
-        assert_eq!(strings(&a.attributes, "webhook_router.event_ids"), r.event_ids());
+        assert_eq!(
+            strings(&a.attributes, "webhook_router.event_ids"),
+            r.event_ids()
+        );
         // The listener was sent this attempt's span as its parent.
         assert_eq!(
             r.header("traceparent"),
@@ -363,7 +371,9 @@ async fn an_unreachable_collector_holds_up_neither_publishing_nor_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_router_config(dir.path(), 2_000, "");
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!("\n[telemetry]\notlp_endpoint = \"http://{closed}\"\n"));
+    text.push_str(&format!(
+        "\n[telemetry]\notlp_endpoint = \"http://{closed}\"\n"
+    ));
     std::fs::write(&config, text).unwrap();
     let listener = Listener::ok().await;
     let mut router = RouterProcess::start(&config);
@@ -422,16 +432,28 @@ async fn an_unreachable_collector_holds_up_neither_publishing_nor_delivery() {
         outage.elapsed(),
         started.elapsed()
     );
-    assert!(outage.elapsed() < Duration::from_secs(5), "{:?}", outage.elapsed());
+    assert!(
+        outage.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        outage.elapsed()
+    );
     // SIGTERM: the last export fails too, within the bounded wait; the
     // outage is still logged once, and what was lost is counted.
     let term = Instant::now();
     router.signal("-TERM");
     let status = router.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
-    assert!(term.elapsed() < Duration::from_secs(10), "{:?}", term.elapsed());
+    assert!(
+        term.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        term.elapsed()
+    );
     let log = router.log_lines().join("\n");
-    assert_eq!(log_has(&router, "traces: cannot export spans"), 1, "log:\n{log}");
+    assert_eq!(
+        log_has(&router, "traces: cannot export spans"),
+        1,
+        "log:\n{log}"
+    );
     assert!(log.contains("not exported"), "log:\n{log}");
     assert!(log.contains("store flushed"), "log:\n{log}");
 }

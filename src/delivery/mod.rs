@@ -125,8 +125,8 @@ impl Dispatcher {
             max_interval: Duration::from_millis(d.retry_max_interval_ms),
             max_age: Duration::from_millis(d.retry_max_age_ms),
         };
-        let traces = crate::telemetry::otlp::Traces::start(&config.telemetry)
-            .map_err(Error::Startup)?;
+        let traces =
+            crate::telemetry::otlp::Traces::start(&config.telemetry).map_err(Error::Startup)?;
         let (stop, _) = watch::channel(false);
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {

@@ -159,10 +159,7 @@ impl Traces {
             .with_resource(
                 Resource::builder()
                     .with_service_name(config.service_name.clone())
-                    .with_attribute(KeyValue::new(
-                        "service.version",
-                        env!("CARGO_PKG_VERSION"),
-                    ))
+                    .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
                     .build(),
             )
             .build();
@@ -279,7 +276,8 @@ impl Traces {
         let provider = on.provider.clone();
         // The batch processor's shutdown blocks until its task (on this
         // runtime) has sent the last batch: wait for it on a blocking thread.
-        let done = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_WAIT));
+        let done =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_WAIT));
         let finished = tokio::time::timeout(SHUTDOWN_WAIT, done).await.is_ok();
         let dropped = on.stats.dropped.load(Ordering::Relaxed);
         let failed = on.stats.failed.load(Ordering::Relaxed);
