@@ -60,14 +60,13 @@ impl IngestService {
     async fn publish_inner(
         &self,
         r: &pb::PublishEventsRequest,
-        trace: Option<&mut crate::telemetry::otlp::PublishSpan>,
+        mut trace: Option<&mut crate::telemetry::otlp::PublishSpan>,
     ) -> Result<pb::PublishEventsResponse> {
         let events = validate_request(&self.state, r)?;
         // Before the append: a lane may take the events as soon as they are stored.
-        let trace = trace.map(|t| {
+        if let Some(t) = trace.as_deref_mut() {
             t.events(r.account_id, events.iter().map(|e| e.event_id.as_str()));
-            t
-        });
+        }
         let appended = self
             .state
             .store
