@@ -48,6 +48,8 @@ pub struct Config {
     pub storage: Storage,
     /// The web console (off unless `console.listen` is set).
     pub console: ConsoleConfig,
+    /// Traces over OTLP (off unless `telemetry.otlp_endpoint` is set).
+    pub telemetry: TelemetryConfig,
 }
 
 /// `[limits]`
@@ -253,6 +255,30 @@ pub struct MetricsConfig {
     pub listen: Option<String>,
 }
 
+/// `[telemetry]`: traces over OTLP/HTTP (see docs/operations.md#traces).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP collector (`http://127.0.0.1:4318`; spans
+    /// go to its `/v1/traces`); absent: traces off.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the exported spans.
+    pub service_name: String,
+    /// Share of traces started here that are kept (0.0 to 1.0); a publish
+    /// call that carries a `traceparent` follows its caller's decision.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "webhook-router".into(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
 /// `[console]`: the web console's own HTTP listener.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -300,6 +326,7 @@ impl Default for Config {
             tls: Tls::default(),
             storage: Storage::default(),
             console: ConsoleConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -940,6 +967,32 @@ impl Config {
         if self.console.max_sessions == 0 {
             return bad("console.max_sessions", "must be at least 1");
         }
+        let t = &self.telemetry;
+        if let Some(endpoint) = &t.otlp_endpoint {
+            match url::Url::parse(endpoint) {
+                Ok(u)
+                    if matches!(u.scheme(), "http" | "https")
+                        && u.has_host()
+                        && u.query().is_none()
+                        && u.fragment().is_none() => {}
+                _ => {
+                    return bad(
+                        "telemetry.otlp_endpoint",
+                        "must be the http:// or https:// base URL of an OTLP/HTTP collector, \
+                         e.g. http://127.0.0.1:4318 (spans go to its /v1/traces)",
+                    )
+                }
+            }
+        }
+        if t.service_name.trim().is_empty() || t.service_name.len() > 255 {
+            return bad("telemetry.service_name", "must be 1-255 characters");
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return bad(
+                "telemetry.sample_ratio",
+                "must be from 0.0 to 1.0 (1.0 keeps every trace)",
+            );
+        }
         let mut names = HashSet::new();
         for (i, e) in self.event_types.iter().enumerate() {
             let ok = !e.name.is_empty()
@@ -1010,12 +1063,11 @@ impl Config {
             }
         }
         mask_secrets(&mut value, false);
-        if let Some(u) = value
-            .get_mut("storage")
-            .and_then(|s| s.get_mut("postgres_url"))
-        {
-            if let Some(text) = u.as_str() {
-                *u = toml::Value::String(mask_url_password(text));
+        for (section, key) in [("storage", "postgres_url"), ("telemetry", "otlp_endpoint")] {
+            if let Some(u) = value.get_mut(section).and_then(|s| s.get_mut(key)) {
+                if let Some(text) = u.as_str() {
+                    *u = toml::Value::String(mask_url_password(text));
+                }
             }
         }
         let mut out = String::from("# The effective configuration, secrets masked.\n");
@@ -1370,6 +1422,48 @@ mod tests {
         assert!(
             e.0.starts_with("listen (from WEBHOOK_ROUTER__LISTEN): expected a string"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn telemetry_keys_are_validated_by_name() {
+        let (_d, path) =
+            file("[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\nsample_ratio = 0.25\n");
+        let c = load_file(&path, &[]).unwrap();
+        assert_eq!(
+            c.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+        assert_eq!(c.telemetry.service_name, "webhook-router");
+        assert_eq!(c.telemetry.sample_ratio, 0.25);
+        assert!(Config::default().telemetry.otlp_endpoint.is_none());
+        for (text, key) in [
+            (
+                "otlp_endpoint = \"127.0.0.1:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "otlp_endpoint = \"grpc://127.0.0.1:4317\"",
+                "telemetry.otlp_endpoint",
+            ),
+            ("sample_ratio = 1.5", "telemetry.sample_ratio"),
+            ("sample_ratio = -0.1", "telemetry.sample_ratio"),
+            ("service_name = \" \"", "telemetry.service_name"),
+        ] {
+            let (_d, path) = file(&format!("[telemetry]\n{text}\n"));
+            let e = load_file(&path, &[]).unwrap_err();
+            assert!(
+                e.0.starts_with(&format!("{key} ({} line 2): ", path.display())),
+                "{text}: {e}"
+            );
+        }
+        // A password in the endpoint is masked by check-config.
+        let (_d, path) =
+            file("[telemetry]\notlp_endpoint = \"https://u:hunter2@otel.example:4318\"\n");
+        let shown = load_file(&path, &[]).unwrap().to_masked_toml();
+        assert!(
+            !shown.contains("hunter2") && shown.contains("otel.example"),
+            "{shown}"
         );
     }
 

@@ -1,5 +1,7 @@
 //! Logging: human-readable by default, JSON lines with `--log-json`; the
-//! level comes from `RUST_LOG` (default `info`).
+//! level comes from `RUST_LOG` (default `info`). Traces over OTLP: [`otlp`].
+
+pub mod otlp;
 
 use tracing_subscriber::EnvFilter;
 

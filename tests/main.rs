@@ -36,5 +36,6 @@ mod secrets_hygiene;
 mod shutdown;
 mod storage;
 mod streams;
+mod telemetry;
 mod tls;
 mod transfer;

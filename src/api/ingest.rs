@@ -35,23 +35,47 @@ impl IngestService {
         IngestService { state }
     }
 
-    /// Validates the whole request (all or none), then appends it.
-    async fn publish(&self, r: &pb::PublishEventsRequest) -> Result<pb::PublishEventsResponse> {
+    /// Validates the whole request (all or none), then appends it. With
+    /// traces on, in a span of `method` (a child of `caller`, the trace the
+    /// client sent).
+    async fn publish(
+        &self,
+        r: &pb::PublishEventsRequest,
+        method: &'static str,
+        caller: Option<&opentelemetry::Context>,
+    ) -> Result<pb::PublishEventsResponse> {
         let span = tracing::info_span!("ingest", account_id = r.account_id);
-        self.publish_inner(r).instrument(span).await
+        let mut trace =
+            self.state
+                .dispatcher
+                .traces()
+                .publish(method, caller, r.account_id, r.events.len());
+        let result = self.publish_inner(r, trace.as_mut()).instrument(span).await;
+        if let Some(t) = trace {
+            t.finish(result.as_ref().err().map(|e| e.to_string()));
+        }
+        result
     }
 
     async fn publish_inner(
         &self,
         r: &pb::PublishEventsRequest,
+        mut trace: Option<&mut crate::telemetry::otlp::PublishSpan>,
     ) -> Result<pb::PublishEventsResponse> {
         let events = validate_request(&self.state, r)?;
+        // Before the append: a lane may take the events as soon as they are stored.
+        if let Some(t) = trace.as_deref_mut() {
+            t.events(r.account_id, events.iter().map(|e| e.event_id.as_str()));
+        }
         let appended = self
             .state
             .store
             .append_events(r.account_id, events, now_ms())
             .await?;
         let (outcomes, last_seq, events) = (appended.outcomes, appended.last_seq, appended.events);
+        if let Some(t) = trace {
+            t.duplicates(outcomes.iter().filter(|o| o.duplicate).count());
+        }
         self.state
             .dispatcher
             .events_appended(r.account_id, last_seq);
@@ -180,7 +204,11 @@ impl EventIngest for IngestService {
         req: Request<pb::PublishEventsRequest>,
     ) -> Result<Response<pb::PublishEventsResponse>, Status> {
         authorize_account(&req, req.get_ref().account_id)?;
-        Ok(Response::new(self.publish(req.get_ref()).await?))
+        let caller = self.state.dispatcher.traces().caller(req.metadata());
+        Ok(Response::new(
+            self.publish(req.get_ref(), "PublishEvents", caller.as_ref())
+                .await?,
+        ))
     }
 
     type StreamEventsStream = ResponseStream;
@@ -192,6 +220,8 @@ impl EventIngest for IngestService {
         // Counts against the token's stream limit for the stream's life.
         let permit = super::auth::principal(&req)?.open_stream()?;
         let principal = req.extensions().clone();
+        // Every message's span continues the trace the stream was opened in.
+        let caller = self.state.dispatcher.traces().caller(req.metadata());
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let service = self.clone();
@@ -223,7 +253,7 @@ impl EventIngest for IngestService {
                 };
                 let result = match charged.and_then(|()| authorize_account(&check, msg.account_id))
                 {
-                    Ok(()) => service.publish(&msg).await,
+                    Ok(()) => service.publish(&msg, "StreamEvents", caller.as_ref()).await,
                     Err(e) => Err(e),
                 };
                 let failed = result.is_err();

@@ -458,6 +458,20 @@ impl Sender {
             failures: record.attempt_count,
             first_attempt_ms: (record.first_attempt_ms > 0).then_some(record.first_attempt_ms),
             observer,
+            trace: self
+                .dispatcher
+                .inner
+                .traces
+                .payload(crate::telemetry::otlp::PayloadTrace {
+                    account_id: self.key.account_id,
+                    webhook_id: &self.key.webhook_id,
+                    delivery_id: &record.id,
+                    lane: match self.key.mode {
+                        crate::domain::delivery::ModeTag::Realtime => "realtime",
+                        crate::domain::delivery::ModeTag::Batch => "batch",
+                    },
+                    event_ids: &record.event_ids,
+                }),
         };
         // Every attempt of this payload, and its log lines, in one span.
         let attempt_span = tracing::info_span!(

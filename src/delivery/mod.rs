@@ -78,6 +78,8 @@ struct Inner {
     stop: watch::Sender<bool>,
     /// Prometheus metrics; each lane caches its own handles.
     metrics: Arc<crate::metrics::Metrics>,
+    /// OTLP traces (empty when off): ingest's publish spans, the lanes' attempts.
+    traces: crate::telemetry::otlp::Traces,
 }
 
 #[derive(Default)]
@@ -123,6 +125,8 @@ impl Dispatcher {
             max_interval: Duration::from_millis(d.retry_max_interval_ms),
             max_age: Duration::from_millis(d.retry_max_age_ms),
         };
+        let traces =
+            crate::telemetry::otlp::Traces::start(&config.telemetry).map_err(Error::Startup)?;
         let (stop, _) = watch::channel(false);
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {
@@ -137,6 +141,7 @@ impl Dispatcher {
                 watchers: Mutex::new(HashMap::new()),
                 stop,
                 metrics,
+                traces,
             }),
         };
         for w in store.all_webhooks().await? {
@@ -399,7 +404,8 @@ impl Dispatcher {
 
     /// Stops every lane: no new attempt starts; attempts in flight get up to
     /// `shutdown_grace_ms` to finish, then are dropped (their delivery stays
-    /// at the lane's head and is sent again after restart).
+    /// at the lane's head and is sent again after restart). Then sends the
+    /// last spans, when traces are on.
     pub async fn shutdown(&self) {
         self.inner.stop.send_replace(true);
         let grace = Duration::from_millis(self.inner.config.shutdown_grace_ms);
@@ -422,6 +428,13 @@ impl Dispatcher {
         if let Err(e) = self.inner.store.save_lanes().await {
             tracing::error!(error = %e, "cannot write the last delivery outcomes");
         }
+        // The last attempt spans have ended: send them (bounded wait).
+        self.inner.traces.shutdown().await;
+    }
+
+    /// The OTLP traces handle (empty when traces are off).
+    pub fn traces(&self) -> &crate::telemetry::otlp::Traces {
+        &self.inner.traces
     }
 
     /// Marks a webhook disabled by the service and pauses its lanes.

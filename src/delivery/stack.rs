@@ -387,6 +387,8 @@ pub struct RetryRequest {
     pub first_attempt_ms: Option<i64>,
     /// Persistence hook.
     pub observer: AttemptObserver,
+    /// The payload's trace: a span per attempt (None: traces off).
+    pub trace: Option<Arc<crate::telemetry::otlp::AttemptTrace>>,
 }
 
 /// How a payload ended.
@@ -475,18 +477,26 @@ where
                 let Some(webhook) = current(&mut settings) else {
                     return Ok(Verdict::Paused);
                 };
-                let attempt = DeliveryRequest {
+                let mut attempt = DeliveryRequest {
                     webhook,
                     msg_id: req.msg_id.clone(),
                     body: req.body.clone(),
                     headers: HeaderMap::new(),
                 };
+                let span = req.trace.as_ref().map(|t| t.start(failures + 1));
+                if let Some(v) = span.as_ref().and_then(|s| s.traceparent()) {
+                    attempt.headers.insert("traceparent", v);
+                }
                 let started_ms = now_ms();
                 let started = Instant::now();
                 // Never raced against a settings change: an attempt that was
                 // sent is finished and recorded.
                 let result = inner.clone().oneshot(attempt).await;
                 let outcome = classify(started_ms, started.elapsed(), result);
+                if let Some(span) = span {
+                    let error = (!outcome.success).then_some(outcome.attempt.error.as_str());
+                    span.finish(outcome.attempt.status_code, error);
+                }
                 let first_ms = *first.get_or_insert(started_ms);
                 if outcome.success {
                     return Ok(Verdict::Delivered(outcome.attempt));
