@@ -493,7 +493,8 @@ async fn bad_filters_are_refused_at_create_and_update_naming_the_part() {
         deep = all(vec![deep]);
     }
     let many = all((0..33).map(|_| ok()).collect());
-    let long_in = one_of("a", &vec![json!(1); 101]);
+    let values: Vec<serde_json::Value> = (0..101).map(|_| json!(1)).collect();
+    let long_in = one_of("a", &values);
     let cases: Vec<(EventFilter, &str, &str)> = vec![
         (
             all(vec![ok(), ok(), cond("", Test::Exists(true))]),
