@@ -94,10 +94,7 @@ fn node_from_proto(
             if *conditions > filter::MAX_CONDITIONS {
                 return Err(Error::invalid(
                     field,
-                    format!(
-                        "a filter has at most {} conditions",
-                        filter::MAX_CONDITIONS
-                    ),
+                    format!("a filter has at most {} conditions", filter::MAX_CONDITIONS),
                 ));
             }
             let test = match &c.test {
@@ -377,6 +374,9 @@ mod tests {
             };
         }
         let field = field_of(filter_from_proto(Some(&deep), "webhook.filter"));
-        assert_eq!(field, format!("webhook.filter{}.all", ".all.filters[0]".repeat(4)));
+        assert_eq!(
+            field,
+            format!("webhook.filter{}.all", ".all.filters[0]".repeat(4))
+        );
     }
 }

@@ -136,7 +136,8 @@ fn check_node(f: &EventFilter, field: &str, depth: usize, conditions: &mut usize
                     format!("a filter has at most {MAX_CONDITIONS} conditions"),
                 ));
             }
-            parse_path(&c.path).map_err(|reason| Error::invalid(format!("{field}.path"), reason))?;
+            parse_path(&c.path)
+                .map_err(|reason| Error::invalid(format!("{field}.path"), reason))?;
             let finite = |name: &str, n: f64| {
                 if n.is_finite() {
                     Ok(())
@@ -383,7 +384,10 @@ fn compare(
         None => Err(format!("missing, wanted a number {op} {bound_shown}")),
         Some(Value::Number(x)) => match x.as_f64() {
             Some(x) if holds(x, bound) => Ok(()),
-            _ => Err(format!("{} is not {op} {bound_shown}", show(&Value::Number(x.clone())))),
+            _ => Err(format!(
+                "{} is not {op} {bound_shown}",
+                show(&Value::Number(x.clone()))
+            )),
         },
         Some(other) => Err(format!(
             "{} is not a number, wanted a number {op} {bound_shown}",
@@ -594,13 +598,19 @@ mod tests {
         assert_eq!(why(&f, json!({})), r#"course.id: missing, wanted "c-42""#);
         let one = cond("n", Test::Equals(json!(1)));
         assert!(matches(&one, json!({"n": 1.0})));
-        assert!(matches(&cond("n", Test::Equals(json!(1.0))), json!({"n": 1})));
+        assert!(matches(
+            &cond("n", Test::Equals(json!(1.0))),
+            json!({"n": 1})
+        ));
         assert!(!matches(&one, json!({"n": "1"})));
         assert!(!matches(&one, json!({"n": true})));
         let deep = cond("o", Test::Equals(json!({"a": [1, {"b": null}]})));
         assert!(matches(&deep, json!({"o": {"a": [1.0, {"b": null}]}})));
         assert!(!matches(&deep, json!({"o": {"a": [1, {"b": 0}]}})));
-        assert!(!matches(&deep, json!({"o": {"a": [1, {"b": null}], "c": 1}})));
+        assert!(!matches(
+            &deep,
+            json!({"o": {"a": [1, {"b": null}], "c": 1}})
+        ));
         let null = cond("x", Test::Equals(Value::Null));
         assert!(matches(&null, json!({"x": null})));
         assert!(!matches(&null, json!({})));
@@ -663,10 +673,7 @@ mod tests {
             why(&gt, data(json!("abc"))),
             r#"score: "abc" is not a number, wanted a number > 5"#
         );
-        assert_eq!(
-            why(&lte, json!({})),
-            "score: missing, wanted a number <= 5"
-        );
+        assert_eq!(why(&lte, json!({})), "score: missing, wanted a number <= 5");
         assert_eq!(
             why(&cond("x", Test::Gt(0.5)), json!({"x": 0})),
             "x: 0 is not > 0.5"
@@ -686,7 +693,10 @@ mod tests {
             ]),
         ]);
         assert!(matches(&f, json!({"course": {"id": "c-42"}, "score": 95})));
-        assert!(matches(&f, json!({"course": {"id": "c-42"}, "passed": true})));
+        assert!(matches(
+            &f,
+            json!({"course": {"id": "c-42"}, "passed": true})
+        ));
         assert!(!matches(&f, json!({"course": {"id": "c-42"}, "score": 50})));
         assert!(!matches(&f, json!({"course": {"id": "c-7"}, "score": 95})));
         assert_eq!(
@@ -715,9 +725,15 @@ mod tests {
         let indexed = cond("tags.1", Test::Equals(json!("b")));
         assert!(matches(&indexed, json!({"tags": ["a", "b"]})));
         assert!(!matches(&indexed, json!({"tags": ["a"]})));
-        assert!(!matches(&cond("tags.01", Test::Exists(true)), json!({"tags": ["a", "b"]})));
+        assert!(!matches(
+            &cond("tags.01", Test::Exists(true)),
+            json!({"tags": ["a", "b"]})
+        ));
         // A digit key still addresses an object's key.
-        assert!(matches(&cond("m.1", Test::Exists(true)), json!({"m": {"1": 0}})));
+        assert!(matches(
+            &cond("m.1", Test::Exists(true)),
+            json!({"m": {"1": 0}})
+        ));
         // Escaped keys in the event are matched unescaped.
         assert!(matches(
             &cond("q\"k", Test::Equals(json!("v"))),
@@ -797,14 +813,20 @@ mod tests {
             "webhook.filter.condition.in"
         );
         let huge = cond("a", Test::Equals(json!("x".repeat(MAX_FILTER_BYTES))));
-        assert_eq!(field_of(validate(&huge, "webhook.filter")), "webhook.filter");
+        assert_eq!(
+            field_of(validate(&huge, "webhook.filter")),
+            "webhook.filter"
+        );
     }
 
     #[test]
     fn stored_form_round_trips() {
         let f = EventFilter::All(vec![
             cond("a", Test::In(vec![json!(1), json!("x")])),
-            EventFilter::Any(vec![cond("b", Test::Lt(2.5)), cond("c", Test::Exists(false))]),
+            EventFilter::Any(vec![
+                cond("b", Test::Lt(2.5)),
+                cond("c", Test::Exists(false)),
+            ]),
         ]);
         let text = serde_json::to_string(&f).unwrap();
         assert_eq!(
