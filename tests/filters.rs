@@ -190,11 +190,11 @@ async fn wait_for_records(admin: &mut Admin, id: &str, n: usize) -> Vec<String> 
     }
 }
 
+/// A webhook's name, its filter, and the event ids it must receive.
+type Case = (&'static str, EventFilter, Vec<&'static str>);
+
 /// The events of the operator tests and the ones each filter takes.
-fn operator_cases() -> (
-    Vec<Event>,
-    Vec<(&'static str, EventFilter, Vec<&'static str>)>,
-) {
+fn operator_cases() -> (Vec<Event>, Vec<Case>) {
     use field_condition::Test;
     use serde_json::json;
     let events = vec![
