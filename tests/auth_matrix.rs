@@ -156,6 +156,21 @@ async fn call(
             })
             .await
             .map(drop),
+        "WebhookAdmin/ExplainRouting" => a
+            .explain_routing(ExplainRoutingRequest {
+                account_id,
+                event: Some(event("matrix-3", "COURSE_ENROLLMENT", 1)),
+            })
+            .await
+            .map(drop),
+        "WebhookAdmin/RecoverDeliveries" => a
+            .recover_deliveries(RecoverDeliveriesRequest {
+                account_id,
+                webhook_id: id,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
         "EventIngest/PublishEvents" => i
             .publish_events(PublishEventsRequest {
                 account_id,
@@ -191,8 +206,8 @@ async fn every_rpc_refuses_missing_wrong_other_role_and_other_account_tokens() {
     let rpcs = rpcs_from_descriptors();
     assert_eq!(
         rpcs.len(),
-        16,
-        "14 WebhookAdmin + 2 EventIngest RPCs: {rpcs:?}"
+        18,
+        "16 WebhookAdmin + 2 EventIngest RPCs: {rpcs:?}"
     );
     let (_dir, server, mut admin, _ingest) = setup().await;
     let w = create(

@@ -67,6 +67,7 @@ fn new_webhook(account_id: u64, name: &str) -> Webhook {
         update_time_ms: 1,
         disabled_reason: String::new(),
         max_in_flight: 0,
+        filter: None,
     }
 }
 

@@ -20,6 +20,7 @@ mod crash;
 mod delivery;
 mod encryption;
 mod faults;
+mod filters;
 mod fuzz_validation;
 mod grpcurl;
 mod hostile;

@@ -117,6 +117,9 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
         if src.max_in_flight != 0 {
             p.push("max_in_flight".to_string());
         }
+        if src.filter.is_some() {
+            p.push("filter".to_string());
+        }
         if p.is_empty() {
             return Err(Error::invalid("webhook", "sets no field to update"));
         }
@@ -138,6 +141,9 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
                     .collect()
             }
             "max_in_flight" => dst.max_in_flight = src.max_in_flight,
+            "filter" => {
+                dst.filter = super::filter::filter_from_proto(src.filter.as_ref(), "webhook.filter")?
+            }
             "auth" => {
                 let mut new_auth = convert::auth_from_proto(src.auth.as_ref());
                 // An empty password keeps the stored one for the same user.
@@ -159,7 +165,7 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
                 return Err(Error::invalid(
                     format!("update_mask.paths[{i}]"),
                     format!(
-                    "{:?} cannot be updated (use name, description, target_url, auth, event_types, max_in_flight)",
+                    "{:?} cannot be updated (use name, description, target_url, auth, event_types, max_in_flight, filter)",
                     webhook::truncate(other, 64)
                 ),
                 ))
@@ -185,6 +191,7 @@ impl WebhookAdmin for AdminService {
             .ok_or_else(|| Error::invalid("webhook", "is required"))?;
         let now = now_ms();
         let mut w = convert::webhook_from_proto(r.account_id, src, now);
+        w.filter = super::filter::filter_from_proto(src.filter.as_ref(), "webhook.filter")?;
         webhook::validate(&mut w, self.rules(), "webhook")?;
         w.id = ids::new_id(WEBHOOK_PREFIX);
         let secret = (w.auth == Auth::Signature).then(|| SecretRecord::generate(now));
@@ -627,5 +634,16 @@ impl WebhookAdmin for AdminService {
             window,
             permit,
         )))
+    }
+
+    async fn explain_routing(
+        &self,
+        req: Request<pb::ExplainRoutingRequest>,
+    ) -> Result<Response<pb::ExplainRoutingResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let decisions =
+            super::filter::explain_routing(&self.state, r.account_id, r.event.as_ref()).await?;
+        Ok(Response::new(pb::ExplainRoutingResponse { decisions }))
     }
 }

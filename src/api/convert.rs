@@ -34,6 +34,7 @@ pub fn webhook_to_proto(w: &Webhook) -> pb::Webhook {
         update_time: Some(timestamp(w.update_time_ms)),
         disabled_reason: w.disabled_reason.clone(),
         max_in_flight: w.max_in_flight,
+        filter: w.filter.as_ref().map(super::filter::filter_to_proto),
     }
 }
 
@@ -65,7 +66,8 @@ pub fn auth_from_proto(a: Option<&pb::WebhookAuth>) -> Auth {
     }
 }
 
-/// The user-settable fields of an incoming webhook, for `account_id`.
+/// The user-settable fields of an incoming webhook, for `account_id`; the
+/// filter is left out (see [`super::filter::filter_from_proto`]).
 pub fn webhook_from_proto(account_id: u64, w: &pb::Webhook, now_ms: i64) -> Webhook {
     Webhook {
         id: String::new(),
@@ -80,6 +82,7 @@ pub fn webhook_from_proto(account_id: u64, w: &pb::Webhook, now_ms: i64) -> Webh
         update_time_ms: now_ms,
         disabled_reason: String::new(),
         max_in_flight: w.max_in_flight,
+        filter: None,
     }
 }
 

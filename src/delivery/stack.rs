@@ -600,6 +600,7 @@ mod tests {
             update_time_ms: 0,
             disabled_reason: String::new(),
             max_in_flight: 0,
+            filter: None,
         };
         let snap = Arc::new(WebhookSnapshot::new(
             w,

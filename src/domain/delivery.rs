@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::catalog::{Catalog, Mode};
+use super::filter::CompiledFilter;
 use super::webhook::Webhook;
 
 /// Where a delivery stands.
@@ -178,7 +179,10 @@ impl From<ModeTag> for Mode {
 /// in the lane's mode. The mode is the one stored with the event at publish
 /// time, so moving a type between modes or removing it from config later
 /// neither skips nor repeats what was queued; events stored before modes
-/// were recorded (schema 2) fall back to the catalog in force.
+/// were recorded (schema 2) fall back to the catalog in force. A webhook
+/// with a payload filter also needs the event's `data` to match
+/// ([`LaneFilter::accepts_event`]); events that do not are skipped like
+/// those of other types.
 #[derive(Debug, Clone)]
 pub struct LaneFilter {
     /// The lane's mode.
@@ -187,6 +191,8 @@ pub struct LaneFilter {
     pub types: HashSet<String>,
     /// For events stored without their mode.
     catalog: Arc<Catalog>,
+    /// The webhook's payload filter, compiled; None: every event of its types.
+    payload: Option<Arc<CompiledFilter>>,
 }
 
 impl LaneFilter {
@@ -196,7 +202,30 @@ impl LaneFilter {
             mode,
             types: webhook.event_types.iter().cloned().collect(),
             catalog,
+            payload: webhook
+                .filter
+                .as_ref()
+                .map(|f| Arc::new(CompiledFilter::new(f))),
         }
+    }
+
+    /// Whether events must also pass a payload filter.
+    pub fn has_payload_filter(&self) -> bool {
+        self.payload.is_some()
+    }
+
+    /// Whether the event with rendered JSON `json` passes the payload
+    /// filter (always, without one: then nothing is decoded).
+    pub fn matches_payload(&self, json: &[u8]) -> bool {
+        self.payload
+            .as_ref()
+            .is_none_or(|p| p.matches_event_json(json))
+    }
+
+    /// [`LaneFilter::accepts`] and [`LaneFilter::matches_payload`]: whether
+    /// the lane takes this event.
+    pub fn accepts_event(&self, name: &str, stored: Option<Mode>, json: &[u8]) -> bool {
+        self.accepts(name, stored) && self.matches_payload(json)
     }
 
     /// Whether the webhook subscribes to a type the catalog puts in this
@@ -209,11 +238,12 @@ impl LaneFilter {
 
     /// Whether `other` takes the same events.
     pub fn same_as(&self, other: &LaneFilter) -> bool {
-        self.mode == other.mode && self.types == other.types
+        self.mode == other.mode && self.types == other.types && self.payload == other.payload
     }
 
     /// Whether an event named `name`, published in `stored` mode (None:
-    /// not recorded), belongs to this lane.
+    /// not recorded), is of a type this lane takes (the payload filter
+    /// aside).
     pub fn accepts(&self, name: &str, stored: Option<Mode>) -> bool {
         self.types.contains(name) && stored.or_else(|| self.catalog.mode(name)) == Some(self.mode)
     }
@@ -244,6 +274,7 @@ mod tests {
             update_time_ms: 0,
             disabled_reason: String::new(),
             max_in_flight: 0,
+            filter: None,
         };
         let realtime = LaneFilter::new(&w, Mode::Realtime, catalog.clone());
         let batch = LaneFilter::new(&w, Mode::Batch, catalog);

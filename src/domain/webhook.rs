@@ -6,6 +6,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{Catalog, Mode};
+use super::filter::{self, EventFilter};
 use crate::delivery::guard;
 use crate::error::{Error, Result};
 
@@ -50,6 +51,10 @@ pub struct Webhook {
     /// Real-time requests in flight at once; 0 and 1 mean one, in order.
     #[serde(default)]
     pub max_in_flight: u32,
+    /// Condition on the event's `data`; None: every event of the subscribed
+    /// types. Absent from webhooks stored before filters existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<EventFilter>,
 }
 
 /// Authentication of delivery requests.
@@ -167,6 +172,9 @@ pub fn validate(w: &mut Webhook, rules: Rules<'_>, prefix: &str) -> Result<()> {
     }
     let mut kept = std::collections::HashSet::new();
     w.event_types.retain(|t| kept.insert(t.clone()));
+    if let Some(flt) = &w.filter {
+        filter::validate(flt, &f("filter"))?;
+    }
     if let Auth::Basic { username, password } = &w.auth {
         if username.is_empty() {
             return Err(Error::invalid(f("auth.basic.username"), "is required"));
@@ -269,6 +277,7 @@ mod tests {
             update_time_ms: 0,
             disabled_reason: String::new(),
             max_in_flight: 0,
+            filter: None,
         }
     }
 

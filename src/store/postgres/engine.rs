@@ -513,6 +513,20 @@ struct ReadAhead {
     capped: bool,
     /// The read stopped at its event limit: more may follow at once.
     limited: bool,
+    /// Events the payload filter left out, not yet passed by the cursor.
+    skipped: VecDeque<u64>,
+}
+
+impl ReadAhead {
+    /// How many left-out events the cursor passes moving to `cursor`.
+    fn pass_skipped(&mut self, cursor: u64) -> u64 {
+        let mut n = 0;
+        while self.skipped.front().is_some_and(|s| *s <= cursor) {
+            self.skipped.pop_front();
+            n += 1;
+        }
+        n
+    }
 }
 
 /// What is left of one take call's bounds.
@@ -870,6 +884,12 @@ impl PgStore {
             slot.handed.clear();
             tally.heads_dropped(returned);
             *ahead = None;
+            if filter.has_payload_filter() {
+                // What the payload filter skipped after the rewound cursor
+                // was subtracted already and is read again: count afresh.
+                tally.counted_through.store(u64::MAX, Ordering::Release);
+                self.seed_tally(h, slot, filter).await?;
+            }
         }
         let first = args.in_flight == 0;
         let recorded: Vec<String> = state
@@ -979,11 +999,13 @@ impl PgStore {
                 events: read.events.into(),
                 scanned_to: read.scanned_to,
                 capped: read.capped,
+                skipped: read.skipped.into(),
             });
         }
         let buf = ahead.as_mut().expect("read above");
         if buf.events.is_empty() {
             if buf.scanned_to > state.cursor {
+                tally.sub_pending(buf.pass_skipped(buf.scanned_to));
                 state.cursor = buf.scanned_to;
                 slot.state = Some(state);
                 // Written with the next save: an idle lane does not write.
@@ -1028,7 +1050,7 @@ impl PgStore {
         slot.dirty = true;
         state.cursor = new_cursor;
         slot.state = Some(state);
-        tally.sub_pending(taken);
+        tally.sub_pending(taken + buf.pass_skipped(new_cursor));
         tally.head_taken(&events, first);
         Ok(Take::Send {
             record: Box::new(record),
@@ -1403,7 +1425,7 @@ impl PgStore {
         {
             return Ok(0);
         }
-        h.tally.sub_pending(expired);
+        h.tally.sub_pending(expired + read.skipped.len() as u64);
         if expired > 0 {
             tracing::warn!(
                 account_id = key.account_id,

@@ -301,6 +301,10 @@ pub struct LaneRead {
     pub scanned_to: u64,
     /// The read stopped at its scan limit: there may be more to read now.
     pub capped: bool,
+    /// Sequence numbers of events of the lane's types examined and left
+    /// out by its payload filter, in order (the cursor moves past them
+    /// like past other types).
+    pub skipped: Vec<u64>,
 }
 
 fn stored_event(row: &tokio_postgres::Row) -> Result<StoredEvent> {
@@ -447,6 +451,7 @@ impl PgStore {
                 events: Vec::new(),
                 scanned_to: after_seq,
                 capped: end > after_seq && limit > 0,
+                skipped: Vec::new(),
             });
         }
         let window = end.min(after_seq.saturating_add(scan_limit as u64));
@@ -463,7 +468,7 @@ impl PgStore {
             .await
             .map_err(map_db)?;
         let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
-        let events: Vec<StoredEvent> = client
+        let rows = client
             .query(
                 &stmt,
                 &[
@@ -477,22 +482,37 @@ impl PgStore {
                 ],
             )
             .await
-            .map_err(map_db)?
-            .iter()
-            .map(stored_event)
-            .collect::<Result<_>>()?;
-        if events.len() >= limit {
-            let scanned_to = events.last().map(|e| e.seq).unwrap_or(after_seq);
+            .map_err(map_db)?;
+        drop(client);
+        let full = rows.len() >= limit;
+        let mut last_row = after_seq;
+        let mut events = Vec::with_capacity(rows.len());
+        let mut skipped = Vec::new();
+        for row in &rows {
+            let e = stored_event(row)?;
+            last_row = e.seq;
+            // Without a payload filter this decodes nothing.
+            if filter.matches_payload(&e.json) {
+                events.push(e);
+            } else {
+                skipped.push(e.seq);
+            }
+        }
+        if full {
+            // The rows stopped at the limit: what follows them is unread
+            // (more at once when the payload filter left some out).
             return Ok(LaneRead {
+                capped: events.len() < limit,
                 events,
-                scanned_to,
-                capped: false,
+                scanned_to: last_row,
+                skipped,
             });
         }
         Ok(LaneRead {
             events,
             scanned_to: window,
             capped: window < end,
+            skipped,
         })
     }
 }

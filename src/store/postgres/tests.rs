@@ -133,6 +133,7 @@ pub(super) fn webhook(account_id: u64) -> Webhook {
         update_time_ms: 1,
         disabled_reason: String::new(),
         max_in_flight: 0,
+        filter: None,
     }
 }
 

@@ -610,6 +610,12 @@ impl SledStore {
             slot.fresh.clear();
             slot.handed.clear();
             tally.heads_dropped(returned);
+            if filter.has_payload_filter() {
+                // What the payload filter skipped after the rewound cursor
+                // was subtracted already and is read again: count afresh.
+                tally.counted_through.store(u64::MAX, Ordering::Release);
+                self.seed_tally(slot, key, filter)?;
+            }
         }
         let first = args.in_flight == 0;
         let recorded: Vec<String> = state
@@ -694,6 +700,7 @@ impl SledStore {
                 state.cursor = read.scanned_to;
                 slot.state = Some(state);
                 slot.dirty = true;
+                tally.sub_pending(read.skipped);
             }
             if slot.dirty {
                 self.save_lane(slot, &key.webhook_id, key.mode)?;
@@ -723,7 +730,7 @@ impl SledStore {
         slot.dirty = true;
         state.cursor = read.scanned_to;
         slot.state = Some(state);
-        tally.sub_pending(taken);
+        tally.sub_pending(taken + read.skipped);
         tally.head_taken(&read.events, first);
         Ok(Take::Send {
             record: Box::new(record),
@@ -1167,7 +1174,7 @@ impl SledStore {
         state.cursor = horizon;
         slot.state = Some(state);
         self.save_lane(slot, &key.webhook_id, key.mode)?;
-        slot.tally.sub_pending(expired);
+        slot.tally.sub_pending(expired + read.skipped);
         if expired > 0 {
             tracing::warn!(
                 account_id = key.account_id,
@@ -1351,6 +1358,7 @@ mod tests {
             update_time_ms: 0,
             disabled_reason: String::new(),
             max_in_flight: 4,
+            filter: None,
         };
         let filter = LaneFilter::new(&webhook, Mode::Realtime, Arc::new(Catalog::new(&[])));
         let key = LaneKey {

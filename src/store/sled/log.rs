@@ -322,6 +322,9 @@ pub(super) struct LaneRead {
     pub scanned_to: u64,
     /// The read stopped at its scan limit: there may be more to read now.
     pub capped: bool,
+    /// Events of the lane's types examined and left out by its payload
+    /// filter (the cursor moves past them like past other types).
+    pub skipped: u64,
 }
 
 /// One publish call waiting for the log writer.
@@ -627,6 +630,7 @@ impl SledStore {
         let mut scanned_to = after_seq;
         let mut examined = 0;
         let mut capped = false;
+        let mut skipped = 0;
         self.visit_events(account_id, after_seq, |seq, e, chunk| {
             if seq > until || events.len() >= limit {
                 return Ok(false);
@@ -638,7 +642,11 @@ impl SledStore {
             examined += 1;
             scanned_to = seq;
             if filter.accepts(e.name, e.mode) {
-                events.push(e.to_stored(seq, chunk));
+                if filter.matches_payload(e.json.as_bytes()) {
+                    events.push(e.to_stored(seq, chunk));
+                } else {
+                    skipped += 1;
+                }
             }
             Ok(true)
         })?;
@@ -646,6 +654,7 @@ impl SledStore {
             events,
             scanned_to,
             capped,
+            skipped,
         })
     }
 
