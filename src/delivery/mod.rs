@@ -5,6 +5,7 @@
 pub mod client;
 pub mod guard;
 mod lane;
+pub mod ops;
 pub mod retry;
 pub mod signing;
 pub mod stack;
@@ -78,6 +79,8 @@ struct Inner {
     stop: watch::Sender<bool>,
     /// Prometheus metrics; each lane caches its own handles.
     metrics: Arc<crate::metrics::Metrics>,
+    /// Operational events: their watchers and the failing streaks.
+    ops: ops::Ops,
 }
 
 #[derive(Default)]
@@ -124,6 +127,7 @@ impl Dispatcher {
             max_age: Duration::from_millis(d.retry_max_age_ms),
         };
         let (stop, _) = watch::channel(false);
+        let ops = ops::Ops::new(&config);
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {
                 store: store.clone(),
@@ -137,8 +141,10 @@ impl Dispatcher {
                 watchers: Mutex::new(HashMap::new()),
                 stop,
                 metrics,
+                ops,
             }),
         };
+        ops::sync_internal_webhook(&store, &dispatcher.inner.config).await?;
         for w in store.all_webhooks().await? {
             dispatcher.refresh(w.account_id, &w.id).await;
         }
@@ -426,6 +432,15 @@ impl Dispatcher {
 
     /// Marks a webhook disabled by the service and pauses its lanes.
     async fn disable(&self, account_id: u64, webhook_id: &str, reason: String) {
+        if ops::is_internal(account_id) {
+            // The operator endpoint follows the config alone.
+            tracing::error!(
+                webhook_id,
+                reason = %reason,
+                "the operator endpoint would be disabled now; it stays enabled (see [operational])"
+            );
+            return;
+        }
         let why = reason.clone();
         let result = self
             .inner
@@ -441,6 +456,7 @@ impl Dispatcher {
             Ok(_) => {
                 tracing::warn!(account_id, webhook_id, reason = %reason, "webhook disabled");
                 self.refresh(account_id, webhook_id).await;
+                ops::webhook_disabled(self, account_id, webhook_id, &reason).await;
             }
             Err(Error::NotFound(_)) => {}
             Err(e) => tracing::error!(webhook_id, error = %e, "cannot disable webhook"),

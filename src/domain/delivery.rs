@@ -204,7 +204,7 @@ impl LaneFilter {
     pub fn subscribes(&self) -> bool {
         self.types
             .iter()
-            .any(|t| self.catalog.mode(t) == Some(self.mode))
+            .any(|t| self.catalog.lane_mode(t) == Some(self.mode))
     }
 
     /// Whether `other` takes the same events.
@@ -215,7 +215,7 @@ impl LaneFilter {
     /// Whether an event named `name`, published in `stored` mode (None:
     /// not recorded), belongs to this lane.
     pub fn accepts(&self, name: &str, stored: Option<Mode>) -> bool {
-        self.types.contains(name) && stored.or_else(|| self.catalog.mode(name)) == Some(self.mode)
+        self.types.contains(name) && stored.or_else(|| self.catalog.lane_mode(name)) == Some(self.mode)
     }
 }
 

@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod delivery;
 pub mod event;
 pub mod ids;
+pub mod operational;
 pub mod webhook;
 
 /// Milliseconds since the Unix epoch, now.
