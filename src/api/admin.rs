@@ -10,13 +10,13 @@ use tonic::{Request, Response, Status};
 use super::auth::{authorize_account, principal};
 use super::convert::{self, page_size, page_token, parse_page_token};
 use super::AppState;
+use crate::delivery::ops;
 use crate::domain::ids::{self, DELIVERY_PREFIX, WEBHOOK_PREFIX};
 use crate::domain::now_ms;
 use crate::domain::webhook::{self, Auth, Rules, SecretRecord, Webhook};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::v1::webhook_admin_server::WebhookAdmin;
-use crate::delivery::ops;
 use crate::store::{ConfigStore, DeliveryLog};
 
 /// Longest rotation grace period.

@@ -283,7 +283,12 @@ pub enum Change {
 
 /// `webhook.updated`: the webhook as it is now, how it changed and, for an
 /// update, which fields differ from `before`.
-pub async fn webhook_updated(d: &Dispatcher, change: Change, before: Option<&Webhook>, w: &Webhook) {
+pub async fn webhook_updated(
+    d: &Dispatcher,
+    change: Change,
+    before: Option<&Webhook>,
+    w: &Webhook,
+) {
     let (name, info) = match change {
         Change::Updated => ("update", format!("webhook {} updated", w.id)),
         Change::Retired => ("retire", format!("webhook {} retired", w.id)),

@@ -282,7 +282,9 @@ mod tests {
         assert_eq!(c.mode("delivery.dead"), None);
         assert_eq!(c.lane_mode("delivery.dead"), Some(Mode::Realtime));
         assert_eq!(c.lane_mode("COURSE_ENROLLMENT"), Some(Mode::Realtime));
-        assert!(c.unknown_type_reason("webhook.created").contains("operational"));
+        assert!(c
+            .unknown_type_reason("webhook.created")
+            .contains("operational"));
     }
 
     #[test]

@@ -215,7 +215,8 @@ impl LaneFilter {
     /// Whether an event named `name`, published in `stored` mode (None:
     /// not recorded), belongs to this lane.
     pub fn accepts(&self, name: &str, stored: Option<Mode>) -> bool {
-        self.types.contains(name) && stored.or_else(|| self.catalog.lane_mode(name)) == Some(self.mode)
+        self.types.contains(name)
+            && stored.or_else(|| self.catalog.lane_mode(name)) == Some(self.mode)
     }
 }
 
