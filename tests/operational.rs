@@ -645,3 +645,43 @@ fn operational_config_errors_name_the_key() {
     check(&|c| with_operator(c, url)).expect("valid");
     check(&|_| {}).expect("off by default");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_postgres_the_operator_endpoint_gets_the_events_in_order() {
+    let db = crate::common::pg::TestDb::create().await;
+    let operator = Listener::ok().await;
+    let customer = Listener::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.storage.backend = webhook_router::config::StorageBackend::Postgres;
+    config.storage.postgres_url = db.url.clone();
+    with_operator(&mut config, &operator.url());
+    let server = TestServer::start(config).await;
+    let mut admin = server.admin(ADMIN).await;
+    let mut stream = watch(&mut admin, 0).await;
+    let w = create(
+        &mut admin,
+        1010,
+        webhook("pg", &customer.url(), &["COURSE_ENROLLMENT"], no_auth()),
+    )
+    .await;
+    admin
+        .delete_webhook(DeleteWebhookRequest {
+            account_id: 1010,
+            webhook_id: w.id.clone(),
+        })
+        .await
+        .unwrap();
+    let reqs = operator.wait_until(WAIT, |r| r.len() >= 2).await;
+    let got = operator_events(&reqs);
+    assert_eq!(names_of(&got), ["webhook.created", "webhook.deleted"]);
+    assert!(got
+        .iter()
+        .all(|(a, e)| *a == 1010 && e["data"]["webhook_id"] == w.id.as_str()));
+    reqs.iter().for_each(assert_signed);
+    let streamed = [next_event(&mut stream).await, next_event(&mut stream).await];
+    for (s, (_, e)) in streamed.iter().zip(&got) {
+        assert_eq!(s.event_id, e["eventId"].as_str().unwrap());
+    }
+    drop(server);
+}
