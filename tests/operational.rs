@@ -685,3 +685,59 @@ async fn on_postgres_the_operator_endpoint_gets_the_events_in_order() {
     }
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_endpoint_reports_nothing_about_itself_and_stays_enabled() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let operator = Listener::toggled(healthy.clone()).await;
+    let customer = Listener::ok().await;
+    let url = operator.url();
+    let (_dir, server, mut admin, _ingest) = setup_with(|c| {
+        with_operator(c, &url);
+        c.delivery.retry_initial_ms = 50;
+        c.delivery.retry_max_interval_ms = 100;
+        c.delivery.retry_max_age_ms = 400;
+    })
+    .await;
+    let mut all = watch(&mut admin, 0).await;
+    let first = create(
+        &mut admin,
+        1010,
+        webhook("a", &customer.url(), &["COURSE_ENROLLMENT"], no_auth()),
+    )
+    .await;
+    assert_eq!(next_event(&mut all).await.event_name, "webhook.created");
+    // The operator endpoint answers 503 until the payload is dead (0.4 s of
+    // retries): several attempts of the one event.
+    let reqs = operator.wait_until(WAIT, |r| r.len() >= 3).await;
+    assert!(reqs
+        .iter()
+        .all(|r| r.json()["events"][0]["data"]["webhook_id"] == first.id.as_str()));
+    // Its death emits nothing (no delivery.dead, no webhook.disabled about
+    // the internal webhook): the stream of every account stays quiet for
+    // 2 s, five times the retry age.
+    let quiet = tokio::time::timeout(Duration::from_secs(2), all.message()).await;
+    assert!(quiet.is_err(), "unexpected message: {quiet:?}");
+    // Not disabled: once it answers again, the next event reaches it.
+    healthy.store(true, Ordering::SeqCst);
+    let second = create(
+        &mut admin,
+        1011,
+        webhook("b", &customer.url(), &["COURSE_ENROLLMENT"], no_auth()),
+    )
+    .await;
+    let reqs = operator
+        .wait_until(WAIT, |r| {
+            r.iter()
+                .any(|x| x.json()["events"][0]["data"]["webhook_id"] == second.id.as_str())
+        })
+        .await;
+    let last = reqs.last().unwrap();
+    assert_eq!(
+        last.json()["events"][0]["data"]["webhook_id"],
+        second.id.as_str()
+    );
+    assert_eq!(last.json()["accountId"], 1011);
+    assert_signed(last);
+    drop(server);
+}

@@ -193,7 +193,11 @@ pub async fn emit(d: &Dispatcher, event: OperationalEvent) {
     let event = Arc::new(event);
     {
         let watchers = ops.watchers.lock().unwrap_or_else(|p| p.into_inner());
-        for account in [OPERATIONAL_ACCOUNT, event.account_id] {
+        let mut accounts = vec![OPERATIONAL_ACCOUNT];
+        if event.account_id != OPERATIONAL_ACCOUNT {
+            accounts.push(event.account_id);
+        }
+        for account in accounts {
             if let Some(tx) = watchers.get(&account) {
                 let _ = tx.send(event.clone());
             }
