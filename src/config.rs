@@ -50,6 +50,24 @@ pub struct Config {
     pub console: ConsoleConfig,
     /// Traces over OTLP (off unless `telemetry.otlp_endpoint` is set).
     pub telemetry: TelemetryConfig,
+    /// Where the router's own operational events are delivered (off unless
+    /// `operational.target_url` is set).
+    pub operational: Operational,
+}
+
+/// `[operational]`: the operator endpoint that receives the router's own
+/// operational events (`webhook.disabled`, `delivery.dead`, ...), signed
+/// like a signature webhook, through the usual durable, retried lanes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Operational {
+    /// The endpoint's URL, checked like a webhook's `target_url` (https, or
+    /// http and private addresses with `delivery.allow_private_targets`).
+    /// Empty: operational events are only streamed (WatchOperationalEvents).
+    pub target_url: String,
+    /// The Standard Webhooks secret the requests are signed with: `whsec_`
+    /// and the base64 of 24 to 64 random bytes. Required with `target_url`.
+    pub secret: String,
 }
 
 /// `[limits]`
@@ -327,6 +345,7 @@ impl Default for Config {
             storage: Storage::default(),
             console: ConsoleConfig::default(),
             telemetry: TelemetryConfig::default(),
+            operational: Operational::default(),
         }
     }
 }
@@ -993,6 +1012,7 @@ impl Config {
                 "must be from 0.0 to 1.0 (1.0 keeps every trace)",
             );
         }
+        self.validate_operational()?;
         let mut names = HashSet::new();
         for (i, e) in self.event_types.iter().enumerate() {
             let ok = !e.name.is_empty()
@@ -1012,6 +1032,44 @@ impl Config {
                     &format!("{} is already in the catalog", e.name),
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Checks `[operational]`: a target URL as for webhooks, and with it a
+    /// `whsec_` secret.
+    fn validate_operational(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        let o = &self.operational;
+        const SECRET_FORM: &str = "whsec_ followed by the standard base64 of 24 to 64 random \
+             bytes (e.g. `echo whsec_$(openssl rand -base64 32)`)";
+        if !o.secret.is_empty() {
+            let key = o
+                .secret
+                .strip_prefix(crate::domain::webhook::SECRET_PREFIX)
+                .map(crate::delivery::signing::decode_secret);
+            match key {
+                Some(Ok(k)) if (24..=64).contains(&k.len()) => {}
+                _ => return bad("operational.secret", &format!("must be {SECRET_FORM}")),
+            }
+        }
+        if o.target_url.is_empty() {
+            return Ok(());
+        }
+        if o.target_url.len() > crate::domain::webhook::MAX_URL_BYTES {
+            return bad("operational.target_url", "must be at most 2048 bytes");
+        }
+        if let Err(why) = crate::delivery::guard::check_target_url(
+            o.target_url.trim(),
+            self.delivery.allow_private_targets,
+        ) {
+            return bad("operational.target_url", &why);
+        }
+        if o.secret.is_empty() {
+            return bad(
+                "operational.secret",
+                &format!("must be set when operational.target_url is set: {SECRET_FORM}"),
+            );
         }
         Ok(())
     }

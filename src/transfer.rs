@@ -29,6 +29,10 @@ pub struct Exported {
 pub async fn export<S: ConfigStore>(store: &S, out: &mut impl Write) -> Result<usize> {
     let mut n = 0;
     for webhook in store.all_webhooks().await? {
+        // The internal webhook of the operational events follows the config.
+        if crate::delivery::ops::is_internal(webhook.account_id) {
+            continue;
+        }
         let secret = store.get_secret(&webhook.id).await?;
         let line = serde_json::to_string(&Exported { webhook, secret })?;
         writeln!(out, "{line}")

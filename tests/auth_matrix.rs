@@ -171,6 +171,10 @@ async fn call(
             })
             .await
             .map(drop),
+        "WebhookAdmin/WatchOperationalEvents" => a
+            .watch_operational_events(WatchOperationalEventsRequest { account_id })
+            .await
+            .map(drop),
         "EventIngest/PublishEvents" => i
             .publish_events(PublishEventsRequest {
                 account_id,
@@ -206,8 +210,8 @@ async fn every_rpc_refuses_missing_wrong_other_role_and_other_account_tokens() {
     let rpcs = rpcs_from_descriptors();
     assert_eq!(
         rpcs.len(),
-        18,
-        "16 WebhookAdmin + 2 EventIngest RPCs: {rpcs:?}"
+        19,
+        "17 WebhookAdmin + 2 EventIngest RPCs: {rpcs:?}"
     );
     let (_dir, server, mut admin, _ingest) = setup().await;
     let w = create(
@@ -274,7 +278,8 @@ async fn every_rpc_refuses_missing_wrong_other_role_and_other_account_tokens() {
         let r = call(rpc, channel.clone(), own, 1010, &w.id).await;
         assert!(authorized(&r), "{rpc} with its own token: {r:?}");
     }
-    assert_eq!(checked, 16 * 4 - 1);
+    // Four refusals per RPC, but for ListEventTypes' other-account case.
+    assert_eq!(checked, rpcs.len() * 4 - 1);
     eprintln!(
         "auth matrix: {} RPCs x 4 refusals checked ({checked} calls)",
         rpcs.len()

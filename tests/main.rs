@@ -27,6 +27,7 @@ mod hostile;
 mod ingest;
 mod limits;
 mod metrics;
+mod operational;
 mod power_loss;
 mod races;
 mod recovery;

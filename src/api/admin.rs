@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{authorize_account, principal};
 use super::convert::{self, page_size, page_token, parse_page_token};
 use super::AppState;
+use crate::delivery::ops;
 use crate::domain::ids::{self, DELIVERY_PREFIX, WEBHOOK_PREFIX};
 use crate::domain::now_ms;
 use crate::domain::webhook::{self, Auth, Rules, SecretRecord, Webhook};
@@ -80,6 +81,12 @@ impl AdminService {
             })
             .await?;
         self.state.dispatcher.refresh(account_id, webhook_id).await;
+        let change = if active {
+            ops::Change::Activated
+        } else {
+            ops::Change::Retired
+        };
+        ops::webhook_updated(&self.state.dispatcher, change, None, &w).await;
         Ok(convert::webhook_to_proto(&w))
     }
 }
@@ -176,6 +183,8 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchDeliveriesResponse, Status>> + Send>>;
+type OperationalStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchOperationalEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl WebhookAdmin for AdminService {
@@ -204,6 +213,7 @@ impl WebhookAdmin for AdminService {
             )
             .await?;
         self.state.dispatcher.refresh(w.account_id, &w.id).await;
+        ops::webhook_created(&self.state.dispatcher, &w).await;
         tracing::info!(account_id = w.account_id, webhook_id = %w.id, "webhook created");
         Ok(Response::new(pb::CreateWebhookResponse {
             webhook: Some(convert::webhook_to_proto(&w)),
@@ -272,10 +282,13 @@ impl WebhookAdmin for AdminService {
         let catalog = self.state.catalog.clone();
         let allow_private_targets = self.state.config.delivery.allow_private_targets;
         let change = src.clone();
+        let before = Arc::new(std::sync::Mutex::new(None));
+        let seen = before.clone();
         let w = self
             .state
             .store
             .update_webhook(r.account_id, &src.id, move |w, secret| {
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
                 apply_mask(w, &change, &paths)?;
                 let rules = Rules {
                     catalog: &catalog,
@@ -289,6 +302,9 @@ impl WebhookAdmin for AdminService {
             })
             .await?;
         self.state.dispatcher.refresh(r.account_id, &w.id).await;
+        let before = before.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let dispatcher = &self.state.dispatcher;
+        ops::webhook_updated(dispatcher, ops::Change::Updated, before.as_ref(), &w).await;
         Ok(Response::new(pb::UpdateWebhookResponse {
             webhook: Some(convert::webhook_to_proto(&w)),
         }))
@@ -318,6 +334,7 @@ impl WebhookAdmin for AdminService {
             .end_delete(r.account_id, &r.webhook_id, deleted.is_ok())
             .await;
         deleted?;
+        ops::webhook_deleted(dispatcher, r.account_id, &r.webhook_id).await;
         tracing::info!(account_id = r.account_id, webhook_id = %r.webhook_id, "webhook deleted");
         Ok(Response::new(pb::DeleteWebhookResponse {}))
     }
@@ -385,7 +402,8 @@ impl WebhookAdmin for AdminService {
         let grace_ms = i64::from(r.grace_period_seconds) * 1000;
         let rotated = Arc::new(std::sync::Mutex::new(None));
         let out = rotated.clone();
-        self.state
+        let w = self
+            .state
             .store
             .update_webhook(r.account_id, &r.webhook_id, move |w, secret| {
                 if w.auth != Auth::Signature {
@@ -409,6 +427,8 @@ impl WebhookAdmin for AdminService {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .ok_or_else(|| Error::Internal("rotation produced no secret".into()))?;
+        let change = ops::Change::SecretRotated;
+        ops::webhook_updated(&self.state.dispatcher, change, None, &w).await;
         tracing::info!(account_id = r.account_id, webhook_id = %r.webhook_id, "webhook secret rotated");
         Ok(Response::new(pb::RotateWebhookSecretResponse {
             secret: Some(convert::secret_to_proto(&r.webhook_id, &secret, now)),
@@ -645,5 +665,49 @@ impl WebhookAdmin for AdminService {
         let decisions =
             super::filter::explain_routing(&self.state, r.account_id, r.event.as_ref()).await?;
         Ok(Response::new(pb::ExplainRoutingResponse { decisions }))
+    }
+
+    type WatchOperationalEventsStream = OperationalStream;
+
+    async fn watch_operational_events(
+        &self,
+        req: Request<pb::WatchOperationalEventsRequest>,
+    ) -> Result<Response<Self::WatchOperationalEventsStream>, Status> {
+        let account_id = req.get_ref().account_id;
+        if account_id == 0 {
+            if principal(&req)?.accounts.is_some() {
+                return Err(Error::PermissionDenied(
+                    "account_id 0 (every account) needs a token for every account; \
+                     set the account_id this token may act on"
+                        .into(),
+                )
+                .into());
+            }
+        } else {
+            authorize_account(&req, account_id)?;
+        }
+        let permit = principal(&req)?.open_stream()?;
+        let rx = ops::subscribe(&self.state.dispatcher, account_id);
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |item| {
+            // The stream owns the token's stream permit until it ends.
+            let _held = &permit;
+            match item {
+                Ok(e) => Ok(pb::WatchOperationalEventsResponse {
+                    event: Some(convert::operational_event_to_proto(&e)),
+                    missed_count: 0,
+                }),
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "WatchOperationalEvents consumer too slow; told it how many events it missed"
+                    );
+                    Ok(pb::WatchOperationalEventsResponse {
+                        event: None,
+                        missed_count: n,
+                    })
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

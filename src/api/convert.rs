@@ -329,6 +329,43 @@ fn push_number(out: &mut String, n: f64) {
     }
 }
 
+/// An operational event as WatchOperationalEvents sends it.
+pub fn operational_event_to_proto(
+    e: &crate::domain::operational::OperationalEvent,
+) -> pb::OperationalEvent {
+    pb::OperationalEvent {
+        event_id: e.event_id.clone(),
+        event_name: e.event_name.clone(),
+        account_id: e.account_id,
+        time: Some(timestamp(e.time_ms)),
+        data: Some(json_object_to_struct(&e.data)),
+    }
+}
+
+fn json_object_to_struct(m: &serde_json::Map<String, serde_json::Value>) -> Struct {
+    Struct {
+        fields: m
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
+    }
+}
+
+fn json_to_value(v: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(*b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        J::String(s) => Kind::StringValue(s.clone()),
+        J::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
+        J::Object(m) => Kind::StructValue(json_object_to_struct(m)),
+    };
+    Value { kind: Some(kind) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -184,7 +184,10 @@ impl Lane {
         self.log.borrow_and_update();
         let key = self.key.clone();
         let args = TakeArgs {
-            max_events: inner.config.delivery.max_events_per_payload as usize,
+            max_events: super::ops::max_events_per_payload(
+                &self.key,
+                inner.config.delivery.max_events_per_payload as usize,
+            ),
             batch_due,
             scan_limit: SCAN_LIMIT,
             in_flight: 0,
@@ -402,7 +405,8 @@ impl Sender {
                 }
             }
         }
-        let body = render_payload(self.key.account_id, events.iter().map(|e| &e.json));
+        let account = super::ops::envelope_account(&self.key, events.first().map(|e| &e.json[..]));
+        let body = render_payload(account, events.iter().map(|e| &e.json));
         let shared = Arc::new(Mutex::new(record.clone()));
         let observer: AttemptObserver = {
             let shared = shared.clone();
@@ -418,6 +422,7 @@ impl Sender {
                 let events = events.clone();
                 Box::pin(async move {
                     metrics.attempt_failed(attempt.latency_ms, next.is_some());
+                    super::ops::attempt_failed(&dispatcher, &key);
                     let r = {
                         let mut r = shared.lock().unwrap_or_else(|p| p.into_inner());
                         r.push_attempt(attempt.clone());
@@ -525,6 +530,7 @@ impl Sender {
             inner.store.lane_finish(key, r, events).await?
         };
         tracing::debug!(delivery_id = %r.id, events = r.event_ids.len(), state = ?r.state, "delivery finished");
+        super::ops::delivery_finished(&self.dispatcher, &self.key, &r).await;
         self.dispatcher.publish_outcome(r);
         if let Some(reason) = disable_reason {
             self.dispatcher

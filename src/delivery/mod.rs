@@ -5,6 +5,7 @@
 pub mod client;
 pub mod guard;
 mod lane;
+pub mod ops;
 pub mod retry;
 pub mod signing;
 pub mod stack;
@@ -80,6 +81,8 @@ struct Inner {
     metrics: Arc<crate::metrics::Metrics>,
     /// OTLP traces (empty when off): ingest's publish spans, the lanes' attempts.
     traces: crate::telemetry::otlp::Traces,
+    /// Operational events: their watchers and the failing streaks.
+    ops: ops::Ops,
 }
 
 #[derive(Default)]
@@ -128,6 +131,7 @@ impl Dispatcher {
         let traces =
             crate::telemetry::otlp::Traces::start(&config.telemetry).map_err(Error::Startup)?;
         let (stop, _) = watch::channel(false);
+        let ops = ops::Ops::new(&config);
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {
                 store: store.clone(),
@@ -142,8 +146,10 @@ impl Dispatcher {
                 stop,
                 metrics,
                 traces,
+                ops,
             }),
         };
+        ops::sync_internal_webhook(&store, &dispatcher.inner.config).await?;
         for w in store.all_webhooks().await? {
             dispatcher.refresh(w.account_id, &w.id).await;
         }
@@ -439,6 +445,15 @@ impl Dispatcher {
 
     /// Marks a webhook disabled by the service and pauses its lanes.
     async fn disable(&self, account_id: u64, webhook_id: &str, reason: String) {
+        if ops::is_internal(account_id) {
+            // The operator endpoint follows the config alone.
+            tracing::error!(
+                webhook_id,
+                reason = %reason,
+                "the operator endpoint would be disabled now; it stays enabled (see [operational])"
+            );
+            return;
+        }
         let why = reason.clone();
         let result = self
             .inner
@@ -454,6 +469,7 @@ impl Dispatcher {
             Ok(_) => {
                 tracing::warn!(account_id, webhook_id, reason = %reason, "webhook disabled");
                 self.refresh(account_id, webhook_id).await;
+                ops::webhook_disabled(self, account_id, webhook_id, &reason).await;
             }
             Err(Error::NotFound(_)) => {}
             Err(e) => tracing::error!(webhook_id, error = %e, "cannot disable webhook"),

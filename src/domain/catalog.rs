@@ -183,9 +183,26 @@ impl Catalog {
         &self.entries
     }
 
-    /// Mode of `name`, or None when it is not in the catalog.
+    /// Mode of `name`, or None when it is not in the catalog. The internal
+    /// (operational) types are not: nothing may publish or subscribe to
+    /// them through the API, see [`Catalog::lane_mode`].
     pub fn mode(&self, name: &str) -> Option<Mode> {
         self.entries.iter().find(|e| e.name == name).map(|e| e.mode)
+    }
+
+    /// Mode of `name` for the delivery lanes: the catalog's, or real-time
+    /// for the router's own operational types (internal entries of the
+    /// catalog, delivered only to the operator endpoint; see
+    /// `domain::operational`).
+    pub fn lane_mode(&self, name: &str) -> Option<Mode> {
+        self.mode(name)
+            .or_else(|| Self::is_internal(name).then_some(Mode::Realtime))
+    }
+
+    /// Whether `name` is an internal type: an operational event of the
+    /// router, never published or subscribed to through the API.
+    pub fn is_internal(name: &str) -> bool {
+        crate::domain::operational::is_operational(name)
     }
 
     /// The catalog name `name` was probably meant as: the same name in
@@ -215,6 +232,12 @@ impl Catalog {
     /// Why `name` is refused: unknown, with a suggestion when there is one.
     pub fn unknown_type_reason(&self, name: &str) -> String {
         let shown = crate::domain::webhook::truncate(name, 80);
+        if Self::is_internal(name) {
+            return format!(
+                "{shown:?} is an operational event of the router itself; it cannot be \
+                 published or subscribed to (see [operational] and WatchOperationalEvents)"
+            );
+        }
         match self.suggest(name) {
             Some(s) => {
                 format!("unknown event type {shown:?}; did you mean {s}? (see ListEventTypes)")
@@ -255,6 +278,13 @@ mod tests {
         assert_eq!(c.mode("COURSE_ENROLLMENT"), Some(Mode::Realtime));
         assert_eq!(c.mode("LEARNER_PROGRESS"), Some(Mode::Batch));
         assert_eq!(c.mode("NOPE"), None);
+        // Internal types: only for the lanes.
+        assert_eq!(c.mode("delivery.dead"), None);
+        assert_eq!(c.lane_mode("delivery.dead"), Some(Mode::Realtime));
+        assert_eq!(c.lane_mode("COURSE_ENROLLMENT"), Some(Mode::Realtime));
+        assert!(c
+            .unknown_type_reason("webhook.created")
+            .contains("operational"));
     }
 
     #[test]

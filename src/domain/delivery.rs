@@ -233,7 +233,7 @@ impl LaneFilter {
     pub fn subscribes(&self) -> bool {
         self.types
             .iter()
-            .any(|t| self.catalog.mode(t) == Some(self.mode))
+            .any(|t| self.catalog.lane_mode(t) == Some(self.mode))
     }
 
     /// Whether `other` takes the same events.
@@ -245,7 +245,8 @@ impl LaneFilter {
     /// not recorded), is of a type this lane takes (the payload filter
     /// aside).
     pub fn accepts(&self, name: &str, stored: Option<Mode>) -> bool {
-        self.types.contains(name) && stored.or_else(|| self.catalog.mode(name)) == Some(self.mode)
+        self.types.contains(name)
+            && stored.or_else(|| self.catalog.lane_mode(name)) == Some(self.mode)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod delivery;
 pub mod event;
 pub mod filter;
 pub mod ids;
+pub mod operational;
 pub mod webhook;
 
 /// Milliseconds since the Unix epoch, now.
