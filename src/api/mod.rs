@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod conn;
 pub mod convert;
+pub mod health;
 pub mod ingest;
 pub mod layers;
 

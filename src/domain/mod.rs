@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod delivery;
 pub mod event;
+pub mod health;
 pub mod ids;
 pub mod webhook;
 
