@@ -22,6 +22,7 @@ mod encryption;
 mod faults;
 mod fuzz_validation;
 mod grpcurl;
+mod health;
 mod hostile;
 mod ingest;
 mod limits;

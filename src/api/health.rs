@@ -32,10 +32,13 @@ pub async fn webhook_health(state: &AppState, webhook: &Webhook) -> Result<Webho
             None => break,
         }
     }
-    let circuit = state.dispatcher.circuit(&webhook.id).map(|v| CircuitFigures {
-        state: v.state,
-        open_until_ms: v.open_until_ms,
-    });
+    let circuit = state
+        .dispatcher
+        .circuit(&webhook.id)
+        .map(|v| CircuitFigures {
+            state: v.state,
+            open_until_ms: v.open_until_ms,
+        });
     Ok(tally.finish(
         webhook,
         circuit,

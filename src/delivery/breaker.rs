@@ -320,13 +320,20 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(95));
         assert_eq!(b.view().state, CircuitState::HalfOpen);
         let second = tokio::time::timeout(Duration::from_millis(150), b.admit()).await;
-        assert!(second.is_err(), "a second attempt got through while half-open");
+        assert!(
+            second.is_err(),
+            "a second attempt got through while half-open"
+        );
         // The probe fails: open again for 200 ms, then 250 ms (the maximum).
         probe.record(false);
         assert_eq!(b.view().state, CircuitState::Open);
         let start = Instant::now();
         b.admit().await.record(false);
-        assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            start.elapsed()
+        );
         let start = Instant::now();
         let probe = b.admit().await;
         let waited = start.elapsed();

@@ -140,7 +140,9 @@ impl HealthTally {
             }
         }
         if r.state == super::delivery::DeliveryState::Retrying && r.next_attempt_ms > 0 {
-            let t = self.next_retry_ms.map_or(r.next_attempt_ms, |t| t.min(r.next_attempt_ms));
+            let t = self
+                .next_retry_ms
+                .map_or(r.next_attempt_ms, |t| t.min(r.next_attempt_ms));
             self.next_retry_ms = Some(t);
         }
         !(r.create_time_ms < self.cutoff_ms
@@ -172,7 +174,8 @@ impl HealthTally {
             f64::from(self.successes) / f64::from(attempts)
         };
         let last_success = self.last_success_ms;
-        let consecutive_failures = self.failures.iter().filter(|t| **t > last_success).count() as u32;
+        let consecutive_failures =
+            self.failures.iter().filter(|t| **t > last_success).count() as u32;
         let failing_at = if threshold == 0 {
             FAILING_WITHOUT_BREAKER
         } else {
@@ -260,12 +263,19 @@ mod tests {
         let mut t = HealthTally::new(now);
         // 100 successes with latencies 1..=100 ms.
         for i in 1..=100u32 {
-            let r = record(now - 1000, &[(now - 1000 - i64::from(i), 200, i)], DeliveryState::Delivered);
+            let r = record(
+                now - 1000,
+                &[(now - 1000 - i64::from(i), 200, i)],
+                DeliveryState::Delivered,
+            );
             assert!(t.add(&r));
         }
         let h = t.finish(&webhook(true), None, 3);
         assert_eq!(h.attempts, 100);
-        assert_eq!((h.latency_p50_ms, h.latency_p90_ms, h.latency_p99_ms), (50, 90, 99));
+        assert_eq!(
+            (h.latency_p50_ms, h.latency_p90_ms, h.latency_p99_ms),
+            (50, 90, 99)
+        );
         assert_eq!(h.success_rate, 1.0);
         assert_eq!(h.state, HealthState::Healthy);
         assert_eq!(h.last_error, None);
@@ -273,10 +283,18 @@ mod tests {
         // The latest two attempts failed: DEGRADED below the threshold,
         // FAILING at it; a retry due is the next attempt.
         let mut t = HealthTally::new(now);
-        let mut r = record(now - 50, &[(now - 200, 500, 5), (now - 100, 500, 7)], DeliveryState::Retrying);
+        let mut r = record(
+            now - 50,
+            &[(now - 200, 500, 5), (now - 100, 500, 7)],
+            DeliveryState::Retrying,
+        );
         r.next_attempt_ms = now + 400;
         t.add(&r);
-        t.add(&record(now - 500, &[(now - 500, 200, 3)], DeliveryState::Delivered));
+        t.add(&record(
+            now - 500,
+            &[(now - 500, 200, 3)],
+            DeliveryState::Delivered,
+        ));
         let h = t.finish(&webhook(true), None, 3);
         assert_eq!(h.consecutive_failures, 2);
         assert_eq!(h.state, HealthState::Degraded);
@@ -306,8 +324,15 @@ mod tests {
     fn no_attempts_is_healthy_and_old_records_stop_the_reading() {
         let now = 10 * WINDOW_MS;
         let mut t = HealthTally::new(now);
-        let old = record(now - 2 * WINDOW_MS, &[(now - 2 * WINDOW_MS, 500, 1)], DeliveryState::Dead);
-        assert!(!t.add(&old), "a record finished before the window ends the reading");
+        let old = record(
+            now - 2 * WINDOW_MS,
+            &[(now - 2 * WINDOW_MS, 500, 1)],
+            DeliveryState::Dead,
+        );
+        assert!(
+            !t.add(&old),
+            "a record finished before the window ends the reading"
+        );
         let h = t.finish(&webhook(true), None, 0);
         assert_eq!(h.attempts, 0);
         assert_eq!(h.success_rate, 1.0);
