@@ -207,6 +207,14 @@ pub struct Delivery {
     pub retry_max_interval_ms: u64,
     /// A payload failing for longer than this is dead-lettered and its webhook disabled.
     pub retry_max_age_ms: u64,
+    /// Consecutive failed attempts to one webhook that open its circuit
+    /// breaker (see `delivery/breaker.rs`); 0 turns the breaker off.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker holds every attempt back before it lets one
+    /// probe through.
+    pub breaker_open_ms: u64,
+    /// Longest open period: each failed probe doubles the period up to this.
+    pub breaker_max_open_ms: u64,
     /// How long events stay in the log after they were stored, and how long
     /// a delivered record stays in the delivery log after it was delivered.
     /// Events a webhook has not received by then leave its lane as EXPIRED.
@@ -383,6 +391,9 @@ impl Default for Delivery {
             retry_initial_ms: 5_000,
             retry_max_interval_ms: 300_000,
             retry_max_age_ms: 7 * DAY_MS,
+            breaker_failure_threshold: 10,
+            breaker_open_ms: 30_000,
+            breaker_max_open_ms: 600_000,
             retention_ms: 7 * DAY_MS,
             dead_letter_retention_ms: 30 * DAY_MS,
             max_response_body_bytes: 64 * 1024,
@@ -912,6 +923,7 @@ impl Config {
             ("delivery.retry_initial_ms", d.retry_initial_ms),
             ("delivery.retry_max_interval_ms", d.retry_max_interval_ms),
             ("delivery.retry_max_age_ms", d.retry_max_age_ms),
+            ("delivery.breaker_open_ms", d.breaker_open_ms),
             ("delivery.retention_ms", d.retention_ms),
             (
                 "delivery.dead_letter_retention_ms",
@@ -924,6 +936,18 @@ impl Config {
         }
         if d.rate_limit_per_second == 0 {
             return bad("delivery.rate_limit_per_second", "must be at least 1");
+        }
+        if d.breaker_failure_threshold > 1_000_000 {
+            return bad(
+                "delivery.breaker_failure_threshold",
+                "must be 0 (off) to 1000000",
+            );
+        }
+        if d.breaker_max_open_ms < d.breaker_open_ms {
+            return bad(
+                "delivery.breaker_max_open_ms",
+                "must be at least delivery.breaker_open_ms",
+            );
         }
         if d.retry_max_interval_ms < d.retry_initial_ms {
             return bad(

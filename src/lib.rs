@@ -10,7 +10,8 @@
 //! - [`store`]: the storage interfaces (event log, config, lanes, delivery log) and their
 //!   backends: embedded sled, or PostgreSQL shared by several routers.
 //! - [`api`]: the WebhookAdmin and EventIngest services and token authentication.
-//! - [`delivery`]: lanes, the tower stack (retry, rate limit, auth, timeout), the HTTP client,
+//! - [`delivery`]: lanes, the tower stack (retry, rate limit, auth, timeout), the per-webhook
+//!   circuit breaker, the HTTP client,
 //!   signatures and the destination guard.
 //! - [`console`]: the web console: the WebhookAdmin screens in a browser, on their own listener.
 //! - [`server`]: wiring: builds the services and serves them until shutdown.

@@ -22,13 +22,14 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use tower::BoxError;
 
+use crate::delivery::breaker::CircuitState;
 use crate::delivery::stack::Verdict;
 use crate::domain::catalog::Mode;
 use crate::domain::now_ms;
@@ -94,6 +95,10 @@ pub struct Metrics {
     redelivery_requeued: Counter,
     /// Events that left a lane unsent after `delivery.retention_ms`, by webhook.
     events_expired: Family<WebhookLabels, Counter>,
+    /// Webhooks whose circuit breaker is open or half-open in this router.
+    circuit_breakers_open: Gauge,
+    /// Times a webhook's circuit breaker opened (or re-opened), by webhook.
+    circuit_breaker_openings: Family<WebhookLabels, Counter>,
     /// One scrape at a time.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -152,6 +157,18 @@ impl Metrics {
              (recorded as EXPIRED deliveries), by webhook",
             events_expired.clone(),
         );
+        let circuit_breakers_open = Gauge::default();
+        registry.register(
+            "circuit_breakers_open",
+            "Webhooks whose circuit breaker is open or half-open in this router",
+            circuit_breakers_open.clone(),
+        );
+        let circuit_breaker_openings = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "circuit_breaker_openings",
+            "Times a webhook's circuit breaker opened or re-opened after a failed probe, by webhook",
+            circuit_breaker_openings.clone(),
+        );
         if let Some(store) = store {
             registry.register_collector(Box::new(StoreCollector { store }));
         }
@@ -164,7 +181,29 @@ impl Metrics {
             webhooks_disabled,
             redelivery_requeued,
             events_expired,
+            circuit_breakers_open,
+            circuit_breaker_openings,
             scrape: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Records a change of `webhook_id`'s circuit breaker.
+    pub fn circuit_changed(&self, webhook_id: &str, from: CircuitState, to: CircuitState) {
+        match (from == CircuitState::Closed, to == CircuitState::Closed) {
+            (true, false) => {
+                self.circuit_breakers_open.inc();
+            }
+            (false, true) => {
+                self.circuit_breakers_open.dec();
+            }
+            _ => {}
+        }
+        if to == CircuitState::Open {
+            self.circuit_breaker_openings
+                .get_or_create(&WebhookLabels {
+                    webhook_id: webhook_id.to_string(),
+                })
+                .inc();
         }
     }
 
@@ -261,6 +300,9 @@ impl Metrics {
             webhook_id: webhook_id.to_string(),
         });
         self.events_expired.remove(&WebhookLabels {
+            webhook_id: webhook_id.to_string(),
+        });
+        self.circuit_breaker_openings.remove(&WebhookLabels {
             webhook_id: webhook_id.to_string(),
         });
     }

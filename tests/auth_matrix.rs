@@ -175,6 +175,13 @@ async fn call(
             .watch_operational_events(WatchOperationalEventsRequest { account_id })
             .await
             .map(drop),
+        "WebhookAdmin/GetWebhookHealth" => a
+            .get_webhook_health(GetWebhookHealthRequest {
+                account_id,
+                webhook_id: id,
+            })
+            .await
+            .map(drop),
         "EventIngest/PublishEvents" => i
             .publish_events(PublishEventsRequest {
                 account_id,
@@ -210,8 +217,8 @@ async fn every_rpc_refuses_missing_wrong_other_role_and_other_account_tokens() {
     let rpcs = rpcs_from_descriptors();
     assert_eq!(
         rpcs.len(),
-        19,
-        "17 WebhookAdmin + 2 EventIngest RPCs: {rpcs:?}"
+        20,
+        "18 WebhookAdmin + 2 EventIngest RPCs: {rpcs:?}"
     );
     let (_dir, server, mut admin, _ingest) = setup().await;
     let w = create(

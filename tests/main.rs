@@ -23,6 +23,7 @@ mod faults;
 mod filters;
 mod fuzz_validation;
 mod grpcurl;
+mod health;
 mod hostile;
 mod ingest;
 mod limits;

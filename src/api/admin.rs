@@ -80,6 +80,10 @@ impl AdminService {
                 Ok(None)
             })
             .await?;
+        if active {
+            // Activation starts the circuit breaker afresh.
+            self.state.dispatcher.reset_circuit(webhook_id);
+        }
         self.state.dispatcher.refresh(account_id, webhook_id).await;
         let change = if active {
             ops::Change::Activated
@@ -609,15 +613,23 @@ impl WebhookAdmin for AdminService {
         }
         let permit = principal(&req)?.open_stream()?;
         let webhook_id = r.webhook_id.clone();
+        let account_id = r.account_id;
+        let dispatcher = self.state.dispatcher.clone();
+        let circuit = move |id: &str| {
+            Some(pb::WebhookCircuit {
+                webhook_id: id.to_string(),
+                state: convert::circuit_to_proto(dispatcher.circuit(id).map(|v| v.state)) as i32,
+            })
+        };
         let rx = self.state.dispatcher.subscribe_outcomes(r.account_id);
-        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| {
-            // The stream owns the token's stream permit until it ends.
-            let _held = &permit;
-            match item {
+        let outcomes = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map({
+            let webhook_id = webhook_id.clone();
+            move |item| match item {
                 Ok(d) if webhook_id.is_empty() || d.webhook_id == webhook_id => {
                     Some(Ok(pb::WatchDeliveriesResponse {
                         delivery: Some(convert::delivery_to_proto(&d)),
                         missed_count: 0,
+                        circuit: circuit(&d.webhook_id),
                     }))
                 }
                 Ok(_) => None,
@@ -629,9 +641,37 @@ impl WebhookAdmin for AdminService {
                     Some(Ok(pb::WatchDeliveriesResponse {
                         delivery: None,
                         missed_count: n,
+                        circuit: None,
                     }))
                 }
             }
+        });
+        // Changes of the watched webhooks' breakers, as messages of their
+        // own; a watcher far behind skips some (the next delivery message
+        // carries the state again).
+        let circuits = tokio_stream::wrappers::BroadcastStream::new(
+            self.state.dispatcher.subscribe_circuits(),
+        )
+        .filter_map(move |item| match item {
+            Ok(c)
+                if c.account_id == account_id
+                    && (webhook_id.is_empty() || c.webhook_id == webhook_id) =>
+            {
+                Some(Ok(pb::WatchDeliveriesResponse {
+                    delivery: None,
+                    missed_count: 0,
+                    circuit: Some(pb::WebhookCircuit {
+                        webhook_id: c.webhook_id.clone(),
+                        state: convert::circuit_to_proto(Some(c.state)) as i32,
+                    }),
+                }))
+            }
+            _ => None,
+        });
+        let stream = outcomes.merge(circuits).map(move |m| {
+            // The stream owns the token's stream permit until it ends.
+            let _held = &permit;
+            m
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -709,5 +749,18 @@ impl WebhookAdmin for AdminService {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_webhook_health(
+        &self,
+        req: Request<pb::GetWebhookHealthRequest>,
+    ) -> Result<Response<pb::GetWebhookHealthResponse>, Status> {
+        let r = req.get_ref();
+        authorize_account(&req, r.account_id)?;
+        let w = self.load(r.account_id, &r.webhook_id).await?;
+        let health = super::health::webhook_health(&self.state, &w).await?;
+        Ok(Response::new(pb::GetWebhookHealthResponse {
+            health: Some(convert::health_to_proto(&health)),
+        }))
     }
 }

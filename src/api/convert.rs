@@ -366,6 +366,47 @@ fn json_to_value(v: &serde_json::Value) -> Value {
     Value { kind: Some(kind) }
 }
 
+/// A breaker state as the API names it (None: no lane runs in this router).
+pub fn circuit_to_proto(c: Option<crate::domain::health::CircuitState>) -> pb::CircuitState {
+    use crate::domain::health::CircuitState as C;
+    match c {
+        None => pb::CircuitState::Unspecified,
+        Some(C::Closed) => pb::CircuitState::Closed,
+        Some(C::Open) => pb::CircuitState::Open,
+        Some(C::HalfOpen) => pb::CircuitState::HalfOpen,
+    }
+}
+
+/// GetWebhookHealth's answer.
+pub fn health_to_proto(h: &crate::domain::health::WebhookHealth) -> pb::WebhookHealth {
+    use crate::domain::health::HealthState as H;
+    let state = match h.state {
+        H::Healthy => pb::WebhookHealthState::Healthy,
+        H::Degraded => pb::WebhookHealthState::Degraded,
+        H::Failing => pb::WebhookHealthState::Failing,
+        H::Disabled => pb::WebhookHealthState::Disabled,
+    };
+    pb::WebhookHealth {
+        webhook_id: h.webhook_id.clone(),
+        state: state as i32,
+        success_rate: h.success_rate,
+        attempts: h.attempts,
+        latency_p50_ms: h.latency_p50_ms,
+        latency_p90_ms: h.latency_p90_ms,
+        latency_p99_ms: h.latency_p99_ms,
+        consecutive_failures: h.consecutive_failures,
+        last_error: h
+            .last_error
+            .as_ref()
+            .map(|(_, e)| e.clone())
+            .unwrap_or_default(),
+        last_error_time: h.last_error.as_ref().map(|(t, _)| timestamp(*t)),
+        next_attempt_time: h.next_attempt_ms.map(timestamp),
+        circuit_state: circuit_to_proto(h.circuit.map(|c| c.state)) as i32,
+        truncated: h.truncated,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod conn;
 pub mod convert;
 pub mod filter;
+pub mod health;
 pub mod ingest;
 pub mod layers;
 pub mod recovery;

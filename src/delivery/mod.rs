@@ -2,6 +2,7 @@
 //! a cursor into its account's event log; the tower stack that sends; the
 //! janitor that purges, expires and trims by retention.
 
+pub mod breaker;
 pub mod client;
 pub mod guard;
 mod lane;
@@ -29,6 +30,7 @@ use crate::domain::now_ms;
 use crate::domain::webhook::{SecretRecord, Webhook};
 use crate::error::{Error, Result};
 use crate::store::{Change, ConfigStore, EventLog, LaneKey, LaneStore, Store, StoreHealth};
+use breaker::{Breaker, BreakerSettings, BreakerView, CircuitState};
 use client::{ClientSettings, HttpClient};
 use retry::RetryPolicy;
 use stack::{AttemptStack, DeliveryRequest, Pacer, WebhookSnapshot};
@@ -51,6 +53,22 @@ pub struct TestOutcome {
 /// Outcomes buffered per account for WatchDeliveries; a watcher further
 /// behind is told how many it missed.
 const WATCH_BUFFER: usize = 1024;
+
+/// Changes of circuit-breaker state buffered for WatchDeliveries (all
+/// accounts); a watcher further behind misses some, and learns the state
+/// again from the next delivery message.
+const CIRCUIT_BUFFER: usize = 256;
+
+/// A webhook's circuit breaker changed state (see [`breaker`]).
+#[derive(Debug, Clone)]
+pub struct CircuitChange {
+    /// Owning account.
+    pub account_id: u64,
+    /// The webhook.
+    pub webhook_id: String,
+    /// Its breaker's new state.
+    pub state: CircuitState,
+}
 
 /// Handle to the engine; cheap to clone.
 #[derive(Clone)]
@@ -75,6 +93,8 @@ struct Inner {
     accounts: Mutex<HashMap<u64, watch::Sender<u64>>>,
     /// Delivery outcomes per account, for WatchDeliveries.
     watchers: Mutex<HashMap<u64, broadcast::Sender<Arc<DeliveryRecord>>>>,
+    /// Changes of the webhooks' circuit breakers, for WatchDeliveries.
+    circuits: broadcast::Sender<CircuitChange>,
     /// True once shutdown began.
     stop: watch::Sender<bool>,
     /// Prometheus metrics; each lane caches its own handles.
@@ -95,6 +115,8 @@ struct Lanes {
 /// The two lanes of one webhook and what they share.
 struct LaneSet {
     settings: watch::Sender<Option<Arc<WebhookSnapshot>>>,
+    /// The webhook's circuit breaker, shared by both lanes.
+    breaker: Arc<Breaker>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -143,6 +165,7 @@ impl Dispatcher {
                 refresh_lock: tokio::sync::Mutex::new(()),
                 accounts: Mutex::new(HashMap::new()),
                 watchers: Mutex::new(HashMap::new()),
+                circuits: broadcast::channel(CIRCUIT_BUFFER).0,
                 stop,
                 metrics,
                 traces,
@@ -210,12 +233,19 @@ impl Dispatcher {
         if lanes.deleted.contains(webhook_id) || self.inner.store.is_deleted(webhook_id) {
             return;
         }
+        let active = snapshot.webhook.active;
         if let Some(set) = lanes.sets.get(webhook_id) {
             set.settings.send_replace(Some(snapshot));
+            if !active {
+                // Retired or disabled: its breaker no longer matters, and
+                // activation starts from CLOSED.
+                set.breaker.reset();
+            }
             return;
         }
         let (tx, _) = watch::channel(Some(snapshot));
         let pacer = Arc::new(Pacer::new(self.inner.config.delivery.rate_limit_per_second));
+        let breaker = self.new_breaker(account_id, webhook_id);
         let log = self.account_watch(account_id);
         let tasks = [Mode::Realtime, Mode::Batch]
             .into_iter()
@@ -235,6 +265,7 @@ impl Dispatcher {
                     stack: stack::lane_stack(
                         self.inner.attempt.clone(),
                         pacer.clone(),
+                        breaker.clone(),
                         self.inner.policy,
                         self.inner.stop.subscribe(),
                     ),
@@ -246,9 +277,52 @@ impl Dispatcher {
             webhook_id.to_string(),
             LaneSet {
                 settings: tx,
+                breaker,
                 tasks,
             },
         );
+    }
+
+    /// A CLOSED breaker for a webhook whose lanes start, reporting to
+    /// [`Inner::circuit_changed`].
+    fn new_breaker(&self, account_id: u64, webhook_id: &str) -> Arc<Breaker> {
+        let d = &self.inner.config.delivery;
+        let settings = BreakerSettings {
+            threshold: d.breaker_failure_threshold,
+            open: Duration::from_millis(d.breaker_open_ms),
+            max_open: Duration::from_millis(d.breaker_max_open_ms),
+        };
+        // Weak: the breaker lives inside `Inner`.
+        let inner = Arc::downgrade(&self.inner);
+        let id = webhook_id.to_string();
+        Breaker::new(
+            settings,
+            Box::new(move |from, to| {
+                if let Some(inner) = inner.upgrade() {
+                    inner.circuit_changed(account_id, &id, from, to);
+                }
+            }),
+        )
+    }
+
+    /// The state of a webhook's circuit breaker in this router; None when
+    /// none of its lanes runs here (deleted, or the router is stopping).
+    pub fn circuit(&self, webhook_id: &str) -> Option<BreakerView> {
+        let lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        lanes.sets.get(webhook_id).map(|set| set.breaker.view())
+    }
+
+    /// Closes a webhook's circuit breaker (ActivateWebhook).
+    pub fn reset_circuit(&self, webhook_id: &str) {
+        let lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = lanes.sets.get(webhook_id) {
+            set.breaker.reset();
+        }
+    }
+
+    /// A receiver of every change of circuit-breaker state (all accounts).
+    pub fn subscribe_circuits(&self) -> broadcast::Receiver<CircuitChange> {
+        self.inner.circuits.subscribe()
     }
 
     /// First step of a deletion: from now on no lane of the webhook starts
@@ -266,6 +340,7 @@ impl Dispatcher {
                 t.abort();
                 let _ = t.await;
             }
+            set.breaker.reset();
         }
     }
 
@@ -281,6 +356,7 @@ impl Dispatcher {
                 t.abort();
                 let _ = t.await;
             }
+            set.breaker.reset();
             self.inner.metrics.forget_webhook(webhook_id);
         }
     }
@@ -474,6 +550,33 @@ impl Dispatcher {
             Err(Error::NotFound(_)) => {}
             Err(e) => tracing::error!(webhook_id, error = %e, "cannot disable webhook"),
         }
+    }
+}
+
+impl Inner {
+    /// The one place a change of a webhook's breaker state is handled:
+    /// metrics, the log, WatchDeliveries. Called with the breaker's lock
+    /// held (changes arrive in order): keep it short, never call back into
+    /// the breaker.
+    fn circuit_changed(
+        &self,
+        account_id: u64,
+        webhook_id: &str,
+        from: CircuitState,
+        to: CircuitState,
+    ) {
+        self.metrics.circuit_changed(webhook_id, from, to);
+        match to {
+            CircuitState::Open => {
+                tracing::warn!(account_id, webhook_id, from = ?from, "circuit breaker open")
+            }
+            _ => tracing::info!(account_id, webhook_id, from = ?from, to = ?to, "circuit breaker"),
+        }
+        let _ = self.circuits.send(CircuitChange {
+            account_id,
+            webhook_id: webhook_id.to_string(),
+            state: to,
+        });
     }
 }
 

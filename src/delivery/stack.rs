@@ -2,7 +2,7 @@
 //! Composed in one place, [`lane_stack`], outermost first:
 //!
 //! ```text
-//! retry ▶ rate limit ▶ auth ▶ timeout ▶ HTTP client
+//! retry (with the circuit breaker) ▶ rate limit ▶ auth ▶ timeout ▶ HTTP client
 //! ```
 
 use std::future::Future;
@@ -18,6 +18,7 @@ use tower::timeout::TimeoutLayer;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 
+use super::breaker::Breaker;
 use super::client::{HttpClient, KEPT_BODY_BYTES};
 use super::retry::RetryPolicy;
 use super::signing;
@@ -408,17 +409,28 @@ pub enum Verdict {
 }
 
 /// Retries failed attempts on the [`RetryPolicy`] schedule until success,
-/// 410, the maximum age, or shutdown.
+/// 410, the maximum age, or shutdown. Every attempt first passes the
+/// webhook's circuit [`Breaker`] and reports its outcome to it.
 #[derive(Clone)]
 pub struct RetryLayer {
     policy: RetryPolicy,
+    breaker: Arc<Breaker>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RetryLayer {
-    /// Layer with `policy`; `stop` turning true ends waits between attempts.
-    pub fn new(policy: RetryPolicy, stop: tokio::sync::watch::Receiver<bool>) -> Self {
-        RetryLayer { policy, stop }
+    /// Layer with `policy` and the webhook's `breaker`; `stop` turning true
+    /// ends waits between attempts.
+    pub fn new(
+        policy: RetryPolicy,
+        breaker: Arc<Breaker>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        RetryLayer {
+            policy,
+            breaker,
+            stop,
+        }
     }
 }
 
@@ -428,6 +440,7 @@ impl<S> Layer<S> for RetryLayer {
         RetryService {
             inner,
             policy: self.policy,
+            breaker: self.breaker.clone(),
             stop: self.stop.clone(),
         }
     }
@@ -438,6 +451,7 @@ impl<S> Layer<S> for RetryLayer {
 pub struct RetryService<S> {
     inner: S,
     policy: RetryPolicy,
+    breaker: Arc<Breaker>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -465,6 +479,7 @@ where
     fn call(&mut self, req: RetryRequest) -> Self::Future {
         let inner = self.inner.clone();
         let policy = self.policy;
+        let breaker = self.breaker.clone();
         let mut stop = self.stop.clone();
         Box::pin(async move {
             let mut settings = req.settings.clone();
@@ -474,6 +489,27 @@ where
                 if *stop.borrow() {
                     return Ok(Verdict::Stopped);
                 }
+                if current(&mut settings).is_none() {
+                    return Ok(Verdict::Paused);
+                }
+                // The breaker's wait uses no retry attempt and does not
+                // count towards anything but the payload's age, which is
+                // checked (as always) after its next failed attempt.
+                let permit = {
+                    let admit = breaker.admit();
+                    tokio::pin!(admit);
+                    loop {
+                        tokio::select! {
+                            p = &mut admit => break p,
+                            _ = stop.wait_for(|s| *s) => return Ok(Verdict::Stopped),
+                            changed = settings.changed() => {
+                                if changed.is_err() || current(&mut settings).is_none() {
+                                    return Ok(Verdict::Paused);
+                                }
+                            }
+                        }
+                    }
+                };
                 let Some(webhook) = current(&mut settings) else {
                     return Ok(Verdict::Paused);
                 };
@@ -497,6 +533,7 @@ where
                     let error = (!outcome.success).then_some(outcome.attempt.error.as_str());
                     span.finish(outcome.attempt.status_code, error);
                 }
+                permit.record(outcome.success);
                 let first_ms = *first.get_or_insert(started_ms);
                 if outcome.success {
                     return Ok(Verdict::Delivered(outcome.attempt));
@@ -553,12 +590,14 @@ pub fn attempt_stack(client: HttpClient, request_timeout: Duration) -> AttemptSt
 pub fn lane_stack(
     attempt: AttemptStack,
     pacer: Arc<Pacer>,
+    breaker: Arc<Breaker>,
     policy: RetryPolicy,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> BoxCloneSyncService<RetryRequest, Verdict, BoxError> {
     let svc = ServiceBuilder::new()
-        // Outermost: every attempt, first or retried, passes the rate limit below.
-        .layer(RetryLayer::new(policy, stop))
+        // Outermost: every attempt, first or retried, passes the webhook's
+        // circuit breaker (shared by its lanes) and the rate limit below.
+        .layer(RetryLayer::new(policy, breaker, stop))
         // Per webhook, shared by its lanes: bounds requests/s at the listener.
         .layer(RateLimitLayer::new(pacer))
         .service(attempt);

@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod delivery;
 pub mod event;
 pub mod filter;
+pub mod health;
 pub mod ids;
 pub mod operational;
 pub mod webhook;

@@ -46,6 +46,9 @@ pub fn test_config(data_dir: &Path) -> Config {
     c.delivery.request_timeout_ms = 2_000;
     c.delivery.connect_timeout_ms = 1_000;
     c.delivery.rate_limit_per_second = 1_000;
+    // Off: the tests of retries count every attempt; tests/health.rs turns
+    // the circuit breaker on with its own short periods.
+    c.delivery.breaker_failure_threshold = 0;
     let token = |t: &str, role, accounts: Option<Vec<u64>>| TokenConfig {
         token: Some(t.into()),
         token_sha256: None,
