@@ -186,7 +186,7 @@ pub fn no_auth() -> webhook_auth::Method {
 }
 
 pub fn signature_auth() -> webhook_auth::Method {
-    webhook_auth::Method::Signature(SignatureAuth {})
+    webhook_auth::Method::Signature(SignatureAuth::default())
 }
 
 pub async fn create(admin: &mut Admin, account_id: u64, w: Webhook) -> Webhook {
