@@ -315,3 +315,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "signing_vectors.rs"]
+mod vectors;
