@@ -88,7 +88,9 @@ async fn set_auth(a: &mut Admin, id: &str, method: webhook_auth::Method) -> Webh
 async fn deliver(ingest: &mut Ingest, listener: &Listener, id: &str) -> Received {
     publish(ingest, 1010, vec![event(id, TYPE, 1)]).await;
     let reqs = listener
-        .wait_until(ARRIVAL, |r| r.iter().any(|r| r.event_ids().contains(&id.to_string())))
+        .wait_until(ARRIVAL, |r| {
+            r.iter().any(|r| r.event_ids().contains(&id.to_string()))
+        })
         .await;
     reqs.into_iter()
         .find(|r| r.event_ids().contains(&id.to_string()))
@@ -113,7 +115,10 @@ fn entries(r: &Received) -> Vec<(String, Vec<u8>)> {
         .split(' ')
         .map(|e| {
             let (scheme, b64) = e.split_once(',').expect("identifier,signature");
-            (scheme.to_string(), B64.decode(b64).expect("base64 signature"))
+            (
+                scheme.to_string(),
+                B64.decode(b64).expect("base64 signature"),
+            )
         })
         .collect()
 }
@@ -229,7 +234,10 @@ async fn ed25519_deliveries_verify_with_the_public_key() {
     let reqs = listener.requests();
     assert_eq!(reqs.len(), before + 1);
     let sigs = entries(&reqs[before]);
-    assert_eq!((sigs.len(), sigs[0].0.as_str(), sigs[0].1.len()), (1, "v1a", 64));
+    assert_eq!(
+        (sigs.len(), sigs[0].0.as_str(), sigs[0].1.len()),
+        (1, "v1a", 64)
+    );
     assert!(!ed25519_ok(&s.secret, &sigs[0].1, &content(&reqs[before])));
 
     // No read answer carries the private key.
@@ -260,7 +268,11 @@ async fn ed25519_rotation_with_grace_signs_with_both_keys() {
     let rotated = rotate(&mut admin, &w.id, 3600).await;
     assert_eq!(rotated.algorithm, "ED25519");
     assert!(rotated.secret.starts_with("whpk_") && rotated.secret != old);
-    let expire = rotated.previous_secret_expire_time.as_ref().unwrap().seconds;
+    let expire = rotated
+        .previous_secret_expire_time
+        .as_ref()
+        .unwrap()
+        .seconds;
     assert!((expire - (now_secs() + 3600)).abs() <= 60, "{expire}");
     assert_eq!(secret(&mut admin, &w.id).await, rotated);
 
@@ -313,7 +325,12 @@ async fn changing_the_algorithm_signs_with_both_for_a_day() {
     let sigs = entries(&r);
     let c = content(&r);
     let schemes: Vec<&str> = sigs.iter().map(|(s, _)| s.as_str()).collect();
-    assert_eq!(schemes, vec!["v1a", "v1"], "{}", r.header("webhook-signature"));
+    assert_eq!(
+        schemes,
+        vec!["v1a", "v1"],
+        "{}",
+        r.header("webhook-signature")
+    );
     assert!(ed25519_ok(&ed.secret, &sigs[0].1, &c));
     assert!(hmac_ok(&hmac_secret.secret, &sigs[1].1, &c));
 
@@ -379,12 +396,7 @@ async fn unknown_algorithms_are_refused_naming_the_field() {
     let err = admin
         .create_webhook(CreateWebhookRequest {
             account_id: 1010,
-            webhook: Some(webhook(
-                "x",
-                "http://127.0.0.1:9/h",
-                &[TYPE],
-                signature(7),
-            )),
+            webhook: Some(webhook("x", "http://127.0.0.1:9/h", &[TYPE], signature(7))),
         })
         .await
         .unwrap_err();

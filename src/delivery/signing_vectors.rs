@@ -22,7 +22,9 @@ const HMAC_B: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 const ED_A: &str = "whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=";
 
 fn seed_key(byte: u8) -> String {
-    let seed: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(7).wrapping_add(byte)).collect();
+    let seed: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(7).wrapping_add(byte))
+        .collect();
     format!("{PRIVATE_KEY_PREFIX}{}", B64.encode(seed))
 }
 
@@ -75,9 +77,7 @@ fn vectors() -> Vec<V> {
     let ts = 1_674_087_231;
     let body = r#"{"type":"contact.created","timestamp":"2022-11-03T20:26:10.344522Z","data":{"id":"1f81eb52-5198-4599-803e-771906343485"}}"#;
     let s = |secret: &str, msg_id: &str, t: i64, p: &str| key(secret).sign(msg_id, t, p.as_bytes());
-    let both = |a: &str, b: &str, t: i64, p: &str| {
-        format!("{} {}", s(a, id, t, p), s(b, id, t, p))
-    };
+    let both = |a: &str, b: &str, t: i64, p: &str| format!("{} {}", s(a, id, t, p), s(b, id, t, p));
     let ed_sig = s(ED_A, id, ts, body);
     let hmac_sig = s(HMAC_A, id, ts, body);
     let mut out = vec![
@@ -478,7 +478,12 @@ fn every_vector_verifies_as_stated() {
             int("now"),
         );
         let expected = v["valid"].as_bool().expect("valid");
-        assert_eq!(got.is_ok(), expected, "vector {i} ({}): {got:?}", field("note"));
+        assert_eq!(
+            got.is_ok(),
+            expected,
+            "vector {i} ({}): {got:?}",
+            field("note")
+        );
         if expected {
             valid += 1;
             // The signer's signature for this vector's own key is in the header.
@@ -495,5 +500,8 @@ fn every_vector_verifies_as_stated() {
             invalid += 1;
         }
     }
-    assert!(valid >= 10 && invalid >= 10, "{valid} valid, {invalid} invalid");
+    assert!(
+        valid >= 10 && invalid >= 10,
+        "{valid} valid, {invalid} invalid"
+    );
 }
