@@ -288,10 +288,11 @@ mod tests {
         let pk = VerifyKey::parse(&public_key_of(sk).unwrap()).unwrap();
         let other = VerifyKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let h = Key::from_secret(sk).unwrap().sign("msg_1", 1000, b"{}");
-        assert!(verify(&h, &[pk.clone()], "msg_1", 1000, b"{}", 1300).is_ok());
-        assert!(verify(&h, &[pk.clone()], "msg_1", 1000, b"{}", 1301).is_err());
-        assert!(verify(&h, &[pk.clone()], "msg_1", 1000, b"{ }", 1000).is_err());
-        assert!(verify(&h, &[pk.clone()], "msg_2", 1000, b"{}", 1000).is_err());
+        let keys = std::slice::from_ref(&pk);
+        assert!(verify(&h, keys, "msg_1", 1000, b"{}", 1300).is_ok());
+        assert!(verify(&h, keys, "msg_1", 1000, b"{}", 1301).is_err());
+        assert!(verify(&h, keys, "msg_1", 1000, b"{ }", 1000).is_err());
+        assert!(verify(&h, keys, "msg_2", 1000, b"{}", 1000).is_err());
         assert!(verify(&h, &[other], "msg_1", 1000, b"{}", 1000).is_err());
         // The ed25519 bytes labelled `v1` do not count.
         let relabelled = h.replacen("v1a,", "v1,", 1);
