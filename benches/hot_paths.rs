@@ -11,7 +11,7 @@ mod sample;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sample::data;
 use webhook_router::api::convert::struct_to_json;
-use webhook_router::delivery::signing::signature_header;
+use webhook_router::delivery::signing::{signature_header, Key};
 use webhook_router::domain::event::{render_event_json, render_payload};
 
 fn event_json(i: u64) -> String {
@@ -39,7 +39,7 @@ fn ingest(c: &mut Criterion) {
 }
 
 fn delivery(c: &mut Criterion) {
-    let key = vec![7u8; 32];
+    let key = Key::Hmac(vec![7u8; 32]);
     let mut g = c.benchmark_group("delivery");
     for n in [1u64, 100] {
         let events: Vec<String> = (0..n).map(event_json).collect();
@@ -51,7 +51,7 @@ fn delivery(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("signature_header", n), &body, |b, body| {
             b.iter(|| {
                 signature_header(
-                    std::slice::from_ref(&key),
+                    &[&key],
                     "dlv_0193a1b2c3d4e5f6a7b8",
                     1_727_414_643,
                     black_box(body),

@@ -60,7 +60,7 @@ fn new_webhook(account_id: u64, name: &str) -> Webhook {
         name: name.into(),
         description: String::new(),
         target_url: "http://127.0.0.1:9/hook".into(),
-        auth: Auth::Signature,
+        auth: Auth::HMAC,
         event_types: vec!["COURSE_ENROLLMENT".into()],
         active: true,
         create_time_ms: 1,

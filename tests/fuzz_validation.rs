@@ -195,7 +195,7 @@ fn webhook() -> impl Strategy<Value = pb::Webhook> {
     let auth = prop_oneof![
         Just(None),
         Just(Some(Method::None(pb::NoAuth {}))),
-        Just(Some(Method::Signature(pb::SignatureAuth {}))),
+        Just(Some(Method::Signature(pb::SignatureAuth::default()))),
         (text(10), text(10)).prop_map(|(username, password)| Some(Method::Basic(pb::BasicAuth {
             username,
             password

@@ -37,6 +37,7 @@ mod retention;
 mod retry;
 mod secrets_hygiene;
 mod shutdown;
+mod signatures;
 mod storage;
 mod streams;
 mod telemetry;

@@ -1,5 +1,5 @@
 //! `webhook-router export` and `import` with the real binary: webhooks of a
-//! sled folder (signature, Basic and no auth) move to another sled folder or
+//! sled folder (HMAC and ed25519 signature, Basic and no auth) move to another sled folder or
 //! to PostgreSQL with their ids, settings and secrets; the export file is
 //! private (0600, also when it existed before); a second import changes
 //! nothing. And an unreachable PostgreSQL stops the start, the key named.
@@ -28,8 +28,9 @@ fn run(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Three webhooks on account 1010 of a fresh sled router; returns (webhooks, secret).
-async fn source_router(dir: &Path) -> (Vec<Webhook>, String) {
+/// Four webhooks on account 1010 of a fresh sled router; returns (webhooks,
+/// the HMAC secret and the ed25519 public key of the first two).
+async fn source_router(dir: &Path) -> (Vec<Webhook>, Vec<String>) {
     let config = write_router_config(dir, 2_000, "");
     let mut router = RouterProcess::start(&config);
     let mut admin = router.admin().await;
@@ -41,6 +42,12 @@ async fn source_router(dir: &Path) -> (Vec<Webhook>, String) {
     let mut made = Vec::new();
     for (name, auth) in [
         ("signed", signature_auth()),
+        (
+            "ed25519",
+            webhook_auth::Method::Signature(SignatureAuth {
+                algorithm: SignatureAlgorithm::Ed25519 as i32,
+            }),
+        ),
         ("basic", basic),
         ("plain", no_auth()),
     ] {
@@ -53,24 +60,31 @@ async fn source_router(dir: &Path) -> (Vec<Webhook>, String) {
             .await,
         );
     }
-    let secret = admin
-        .get_webhook_secret(GetWebhookSecretRequest {
-            account_id: 1010,
-            webhook_id: made[0].id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret
-        .expect("a secret")
-        .secret;
+    let mut secret = Vec::new();
+    for w in &made[..2] {
+        secret.push(
+            admin
+                .get_webhook_secret(GetWebhookSecretRequest {
+                    account_id: 1010,
+                    webhook_id: w.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .secret
+                .expect("a secret")
+                .secret,
+        );
+    }
+    assert!(secret[0].starts_with("whsec_") && secret[1].starts_with("whpk_"));
     router.signal("-TERM");
     assert!(router.wait_exit(Duration::from_secs(15)).success());
     (made, secret)
 }
 
-/// The target has the same webhooks and the same signing secret.
-async fn assert_moved(target: &RouterProcess, made: &[Webhook], secret: &str) {
+/// The target has the same webhooks and the same signing secret and ed25519
+/// key (the same public key: the private key moved).
+async fn assert_moved(target: &RouterProcess, made: &[Webhook], secret: &[String]) {
     let mut admin = target.admin().await;
     for w in made {
         let got = admin
@@ -85,18 +99,20 @@ async fn assert_moved(target: &RouterProcess, made: &[Webhook], secret: &str) {
             .unwrap();
         assert_eq!(&got, w, "webhook {} after the move", w.name);
     }
-    let moved = admin
-        .get_webhook_secret(GetWebhookSecretRequest {
-            account_id: 1010,
-            webhook_id: made[0].id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret
-        .expect("a secret")
-        .secret;
-    assert_eq!(moved, secret, "the signing secret moved with its webhook");
+    for (w, secret) in made.iter().zip(secret) {
+        let moved = admin
+            .get_webhook_secret(GetWebhookSecretRequest {
+                account_id: 1010,
+                webhook_id: w.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .secret
+            .expect("a secret")
+            .secret;
+        assert_eq!(&moved, secret, "the signing key moved with {}", w.name);
+    }
 }
 
 /// Exports `source` (a config) to a file in `dir`; checks its mode.
@@ -113,7 +129,7 @@ fn export(source: &Path, dir: &Path) -> std::path::PathBuf {
         "--out",
         file.to_str().unwrap(),
     ]);
-    assert!(out.contains("exported 3 webhooks"), "{out}");
+    assert!(out.contains("exported 4 webhooks"), "{out}");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the export holds secrets: owner only");
     file
@@ -132,7 +148,7 @@ async fn webhooks_move_from_one_sled_folder_to_another() {
         "--in",
         file.to_str().unwrap(),
     ]);
-    assert!(imported.contains("imported 3 webhooks"), "{imported}");
+    assert!(imported.contains("imported 4 webhooks"), "{imported}");
     let again = run(&[
         "import",
         "--config",
@@ -141,7 +157,7 @@ async fn webhooks_move_from_one_sled_folder_to_another() {
         file.to_str().unwrap(),
     ]);
     assert!(
-        again.contains("imported 0 webhooks") && again.contains("3 were there already"),
+        again.contains("imported 0 webhooks") && again.contains("4 were there already"),
         "{again}"
     );
     let router = RouterProcess::start(&target);
@@ -162,7 +178,7 @@ async fn webhooks_move_from_a_sled_folder_to_postgres() {
         "--in",
         file.to_str().unwrap(),
     ]);
-    assert!(imported.contains("imported 3 webhooks"), "{imported}");
+    assert!(imported.contains("imported 4 webhooks"), "{imported}");
     let router = RouterProcess::start(&target);
     assert_moved(&router, &made, &secret).await;
 }

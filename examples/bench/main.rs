@@ -754,7 +754,9 @@ async fn create_webhook(admin: &mut router::Admin, url: &str, max_in_flight: u32
                 target_url: url.into(),
                 event_types: vec![TYPE.into()],
                 auth: Some(pb::WebhookAuth {
-                    method: Some(pb::webhook_auth::Method::Signature(pb::SignatureAuth {})),
+                    method: Some(pb::webhook_auth::Method::Signature(
+                        pb::SignatureAuth::default(),
+                    )),
                 }),
                 max_in_flight,
                 ..Default::default()

@@ -156,6 +156,7 @@ fn apply_mask(dst: &mut Webhook, src: &pb::Webhook, paths: &[String]) -> Result<
                 dst.filter = super::filter::filter_from_proto(src.filter.as_ref(), "webhook.filter")?
             }
             "auth" => {
+                convert::check_auth(src.auth.as_ref(), "webhook.auth")?;
                 let mut new_auth = convert::auth_from_proto(src.auth.as_ref());
                 // An empty password keeps the stored one for the same user.
                 if let (
@@ -203,11 +204,15 @@ impl WebhookAdmin for AdminService {
             .as_ref()
             .ok_or_else(|| Error::invalid("webhook", "is required"))?;
         let now = now_ms();
+        convert::check_auth(src.auth.as_ref(), "webhook.auth")?;
         let mut w = convert::webhook_from_proto(r.account_id, src, now);
         w.filter = super::filter::filter_from_proto(src.filter.as_ref(), "webhook.filter")?;
         webhook::validate(&mut w, self.rules(), "webhook")?;
         w.id = ids::new_id(WEBHOOK_PREFIX);
-        let secret = (w.auth == Auth::Signature).then(|| SecretRecord::generate(now));
+        let secret = w
+            .auth
+            .signature_algorithm()
+            .map(|a| SecretRecord::generate_for(a, now));
         self.state
             .store
             .create_webhook(
@@ -293,6 +298,7 @@ impl WebhookAdmin for AdminService {
             .store
             .update_webhook(r.account_id, &src.id, move |w, secret| {
                 *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
+                let auth_before = w.auth.clone();
                 apply_mask(w, &change, &paths)?;
                 let rules = Rules {
                     catalog: &catalog,
@@ -301,8 +307,14 @@ impl WebhookAdmin for AdminService {
                 webhook::validate(w, rules, "webhook")?;
                 let now = now_ms();
                 w.update_time_ms = now;
-                Ok((w.auth == Auth::Signature && secret.is_none())
-                    .then(|| SecretRecord::generate(now)))
+                // A new signature webhook gets a key; a change of algorithm
+                // migrates (the old key signs on for a grace period).
+                Ok(webhook::secret_after_auth_change(
+                    &auth_before,
+                    &w.auth,
+                    secret.as_ref(),
+                    now,
+                ))
             })
             .await?;
         self.state.dispatcher.refresh(r.account_id, &w.id).await;
@@ -374,7 +386,7 @@ impl WebhookAdmin for AdminService {
         let r = req.get_ref();
         authorize_account(&req, r.account_id)?;
         let (w, secret) = self.load_with_secret(r.account_id, &r.webhook_id).await?;
-        if w.auth != Auth::Signature {
+        if !w.auth.is_signature() {
             return Err(Error::FailedPrecondition(format!(
                 "webhook {} does not use signature auth",
                 w.id
@@ -384,7 +396,7 @@ impl WebhookAdmin for AdminService {
         let secret =
             secret.ok_or_else(|| Error::Internal(format!("webhook {} has no secret", w.id)))?;
         Ok(Response::new(pb::GetWebhookSecretResponse {
-            secret: Some(convert::secret_to_proto(&w.id, &secret, now_ms())),
+            secret: Some(convert::secret_to_proto(&w.id, &secret, now_ms())?),
         }))
     }
 
@@ -410,14 +422,15 @@ impl WebhookAdmin for AdminService {
             .state
             .store
             .update_webhook(r.account_id, &r.webhook_id, move |w, secret| {
-                if w.auth != Auth::Signature {
+                if !w.auth.is_signature() {
                     return Err(Error::FailedPrecondition(format!(
                         "webhook {} does not use signature auth",
                         w.id
                     )));
                 }
-                let old = secret.unwrap_or_else(|| SecretRecord::generate(now));
-                let new = old.rotate(now, grace_ms);
+                let algorithm = w.auth.signature_algorithm().unwrap_or_default();
+                let old = secret.unwrap_or_else(|| SecretRecord::generate_for(algorithm, now));
+                let new = old.rotate_to(algorithm, now, grace_ms);
                 *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
                 Ok(Some(new))
             })
@@ -435,7 +448,7 @@ impl WebhookAdmin for AdminService {
         ops::webhook_updated(&self.state.dispatcher, change, None, &w).await;
         tracing::info!(account_id = r.account_id, webhook_id = %r.webhook_id, "webhook secret rotated");
         Ok(Response::new(pb::RotateWebhookSecretResponse {
-            secret: Some(convert::secret_to_proto(&r.webhook_id, &secret, now)),
+            secret: Some(convert::secret_to_proto(&r.webhook_id, &secret, now)?),
         }))
     }
 
@@ -479,10 +492,14 @@ impl WebhookAdmin for AdminService {
         let (w, secret) = match &r.target {
             Some(Target::WebhookId(id)) => self.load_with_secret(r.account_id, id).await?,
             Some(Target::Webhook(src)) => {
+                convert::check_auth(src.auth.as_ref(), "webhook.auth")?;
                 let mut w = convert::webhook_from_proto(r.account_id, src, now);
                 webhook::validate(&mut w, self.rules(), "webhook")?;
                 w.id = "wh_test".into();
-                let secret = (w.auth == Auth::Signature).then(|| SecretRecord::generate(now));
+                let secret = w
+                    .auth
+                    .signature_algorithm()
+                    .map(|a| SecretRecord::generate_for(a, now));
                 (w, secret)
             }
             None => return Err(Error::invalid("target", "set webhook_id or webhook").into()),

@@ -4,10 +4,11 @@
 use base64::Engine;
 use prost_types::{value::Kind, Struct, Timestamp, Value};
 
+use crate::delivery::signing;
 use crate::domain::catalog::{EventType, Mode};
 use crate::domain::delivery::{Attempt, DeliveryRecord, DeliveryState};
 use crate::domain::event::push_json_string;
-use crate::domain::webhook::{Auth, SecretRecord, Webhook};
+use crate::domain::webhook::{Auth, SecretRecord, SignatureAlgorithm, Webhook};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 
@@ -46,14 +47,37 @@ fn auth_to_proto(a: &Auth) -> pb::WebhookAuth {
             username: username.clone(),
             password: String::new(),
         }),
-        Auth::Signature => Method::Signature(pb::SignatureAuth {}),
+        Auth::Signature { algorithm } => Method::Signature(pb::SignatureAuth {
+            algorithm: match algorithm {
+                SignatureAlgorithm::HmacSha256 => pb::SignatureAlgorithm::HmacSha256,
+                SignatureAlgorithm::Ed25519 => pb::SignatureAlgorithm::Ed25519,
+            } as i32,
+        }),
     };
     pb::WebhookAuth {
         method: Some(method),
     }
 }
 
-/// The auth of an incoming webhook.
+/// Checks what [`auth_from_proto`] cannot represent: an unknown signature
+/// algorithm. `field` is the auth's request path (e.g. `webhook.auth`).
+pub fn check_auth(a: Option<&pb::WebhookAuth>, field: &str) -> Result<()> {
+    use pb::webhook_auth::Method;
+    if let Some(Method::Signature(s)) = a.and_then(|a| a.method.as_ref()) {
+        if pb::SignatureAlgorithm::try_from(s.algorithm).is_err() {
+            return Err(Error::invalid(
+                format!("{field}.signature.algorithm"),
+                format!(
+                    "unknown value {}: use SIGNATURE_ALGORITHM_HMAC_SHA256 or SIGNATURE_ALGORITHM_ED25519",
+                    s.algorithm
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The auth of an incoming webhook (checked with [`check_auth`]).
 pub fn auth_from_proto(a: Option<&pb::WebhookAuth>) -> Auth {
     use pb::webhook_auth::Method;
     match a.and_then(|a| a.method.as_ref()) {
@@ -62,7 +86,12 @@ pub fn auth_from_proto(a: Option<&pb::WebhookAuth>) -> Auth {
             username: b.username.clone(),
             password: b.password.clone(),
         },
-        Some(Method::Signature(_)) => Auth::Signature,
+        Some(Method::Signature(s)) => Auth::Signature {
+            algorithm: match pb::SignatureAlgorithm::try_from(s.algorithm) {
+                Ok(pb::SignatureAlgorithm::Ed25519) => SignatureAlgorithm::Ed25519,
+                _ => SignatureAlgorithm::HmacSha256,
+            },
+        },
     }
 }
 
@@ -86,19 +115,32 @@ pub fn webhook_from_proto(account_id: u64, w: &pb::Webhook, now_ms: i64) -> Webh
     }
 }
 
-/// The secret message of GetWebhookSecret / RotateWebhookSecret.
-pub fn secret_to_proto(webhook_id: &str, s: &SecretRecord, now_ms: i64) -> pb::WebhookSecret {
-    pb::WebhookSecret {
+/// The secret message of GetWebhookSecret / RotateWebhookSecret: for
+/// ed25519 the public key, never the private one.
+pub fn secret_to_proto(
+    webhook_id: &str,
+    s: &SecretRecord,
+    now_ms: i64,
+) -> Result<pb::WebhookSecret> {
+    let (secret, algorithm) = match s.algorithm() {
+        SignatureAlgorithm::HmacSha256 => (s.current.clone(), "HMAC-SHA256"),
+        SignatureAlgorithm::Ed25519 => (
+            signing::public_key_of(&s.current)
+                .map_err(|e| Error::Internal(format!("webhook {webhook_id}: {e}")))?,
+            "ED25519",
+        ),
+    };
+    Ok(pb::WebhookSecret {
         webhook_id: webhook_id.to_string(),
-        secret: s.current.clone(),
-        algorithm: "HMAC-SHA256".into(),
+        secret,
+        algorithm: algorithm.into(),
         signature_header: "webhook-signature".into(),
         id_header: "webhook-id".into(),
         timestamp_header: "webhook-timestamp".into(),
         create_time: Some(timestamp(s.create_time_ms)),
         previous_secret_expire_time: (s.previous.is_some() && s.previous_expire_ms > now_ms)
             .then(|| timestamp(s.previous_expire_ms)),
-    }
+    })
 }
 
 /// A catalog entry.

@@ -22,7 +22,7 @@ pub struct WebhookForm {
     name: String,
     description: String,
     target_url: String,
-    /// `none`, `basic` or `signature`.
+    /// `none`, `basic`, `signature` (HMAC-SHA256) or `ed25519` (signature, ed25519).
     auth: String,
     username: String,
     password: String,
@@ -62,6 +62,9 @@ impl WebhookForm {
     fn from_webhook(w: &pb::Webhook) -> WebhookForm {
         let (auth, username) = match w.auth.as_ref().and_then(|a| a.method.as_ref()) {
             Some(Method::Basic(b)) => ("basic", b.username.clone()),
+            Some(Method::Signature(s)) if s.algorithm == pb::SignatureAlgorithm::Ed25519 as i32 => {
+                ("ed25519", String::new())
+            }
             Some(Method::Signature(_)) => ("signature", String::new()),
             _ => ("none", String::new()),
         };
@@ -83,7 +86,12 @@ impl WebhookForm {
                 username: self.username.clone(),
                 password: self.password.clone(),
             }),
-            "signature" => Method::Signature(pb::SignatureAuth {}),
+            "signature" => Method::Signature(pb::SignatureAuth {
+                algorithm: pb::SignatureAlgorithm::HmacSha256 as i32,
+            }),
+            "ed25519" => Method::Signature(pb::SignatureAuth {
+                algorithm: pb::SignatureAlgorithm::Ed25519 as i32,
+            }),
             _ => Method::None(pb::NoAuth {}),
         };
         pb::Webhook {
@@ -259,6 +267,9 @@ pub fn state_name(state: i32) -> &'static str {
 fn auth_text(w: &pb::Webhook) -> String {
     match w.auth.as_ref().and_then(|a| a.method.as_ref()) {
         Some(Method::Basic(b)) => format!("Basic (username {})", b.username),
+        Some(Method::Signature(s)) if s.algorithm == pb::SignatureAlgorithm::Ed25519 as i32 => {
+            "Signature (Standard Webhooks, ed25519)".into()
+        }
         Some(Method::Signature(_)) => "Signature (Standard Webhooks, HMAC-SHA256)".into(),
         _ => "None".into(),
     }
@@ -520,6 +531,13 @@ fn webhook_form(
             "signature",
             "Signature",
             "Standard Webhooks signature; the router generates the secret (Download signature).",
+        ),
+        (
+            "ed25519",
+            "Signature, ed25519",
+            "Standard Webhooks ed25519 signature; listeners verify with the public key \
+             (Download signature), the private key stays in the router. Switching between \
+             the two signatures signs with both for 24 hours.",
         ),
     ] {
         let checked = if form.auth == value { " checked" } else { "" };
@@ -828,14 +846,21 @@ pub async fn show(ctx: &Ctx<'_>, account: u64, id: &str, test: Option<TestOutcom
         let _ = write!(
             b,
             "<section aria-labelledby=\"secret-h\"><h2 id=\"secret-h\">Signing secret</h2>\
-             <p>The secret is shown only in the downloaded file. Listeners verify the \
-             <code>webhook-signature</code> header with it (Standard Webhooks).</p>{}\
+             <p>{}</p>{}\
              <form class=\"inline\" method=\"post\" action=\"{here}/rotate\">{}\
              <label for=\"f-grace\">Grace period</label> <select id=\"f-grace\" name=\"grace_seconds\">\
              <option value=\"0\">None: drop the old secret at once</option>\
              <option value=\"3600\">1 hour</option><option value=\"86400\" selected>24 hours</option>\
              <option value=\"604800\">7 days</option></select> \
              <button type=\"submit\">Rotate secret</button></form></section>",
+            if auth_text(&w).contains("ed25519") {
+                "The public key is in the downloaded file; the private key never leaves \
+                 the router. Listeners verify the <code>webhook-signature</code> header \
+                 with the public key (Standard Webhooks, <code>v1a</code>)."
+            } else {
+                "The secret is shown only in the downloaded file. Listeners verify the \
+                 <code>webhook-signature</code> header with it (Standard Webhooks)."
+            },
             button_form(&format!("{here}/signature"), csrf, "Download signature", ""),
             csrf_field(csrf)
         );

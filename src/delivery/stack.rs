@@ -33,8 +33,9 @@ use crate::domain::webhook::{Auth, SecretRecord, Webhook};
 pub struct WebhookSnapshot {
     /// The stored webhook.
     pub webhook: Webhook,
-    /// HMAC keys and until when each may be used (i64::MAX: current).
-    keys: Vec<(Vec<u8>, i64)>,
+    /// Signing keys (HMAC or ed25519, by the secret's prefix) and until
+    /// when each may be used (i64::MAX: current).
+    keys: Vec<(signing::Key, i64)>,
     /// Which events the real-time and the batch lane take.
     filters: [LaneFilter; 2],
 }
@@ -52,11 +53,11 @@ impl WebhookSnapshot {
         ];
         let mut keys = Vec::new();
         if let Some(s) = secret {
-            if let Ok(k) = signing::decode_secret(&s.current) {
+            if let Ok(k) = signing::Key::from_secret(&s.current) {
                 keys.push((k, i64::MAX));
             }
             if let Some(prev) = &s.previous {
-                if let Ok(k) = signing::decode_secret(prev) {
+                if let Ok(k) = signing::Key::from_secret(prev) {
                     keys.push((k, s.previous_expire_ms));
                 }
             }
@@ -77,11 +78,11 @@ impl WebhookSnapshot {
     }
 
     /// Keys to sign with at `now_ms`.
-    fn keys_at(&self, now_ms: i64) -> Vec<Vec<u8>> {
+    fn keys_at(&self, now_ms: i64) -> Vec<&signing::Key> {
         self.keys
             .iter()
             .filter(|(_, until)| now_ms < *until)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k)
             .collect()
     }
 }
@@ -241,7 +242,7 @@ pub fn authenticate(req: &mut DeliveryRequest, now_ms: i64) {
                 h.insert(http::header::AUTHORIZATION, v);
             }
         }
-        Auth::Signature => {
+        Auth::Signature { .. } => {
             let keys = req.webhook.keys_at(now_ms);
             let sig = signing::signature_header(&keys, &req.msg_id, ts, &req.body);
             if let Ok(v) = HeaderValue::from_str(&sig) {
@@ -632,7 +633,7 @@ mod tests {
             name: "n".into(),
             description: String::new(),
             target_url: "https://example.com".into(),
-            auth: Auth::Signature,
+            auth: Auth::HMAC,
             event_types: vec![],
             active: true,
             create_time_ms: 0,

@@ -22,6 +22,13 @@ pub const MAX_EVENT_TYPES: usize = 256;
 pub const MAX_IN_FLIGHT: u32 = 256;
 /// Prefix of Standard Webhooks secrets.
 pub const SECRET_PREFIX: &str = "whsec_";
+/// Prefix of Standard Webhooks ed25519 private keys (base64 of the 32-byte seed).
+pub const PRIVATE_KEY_PREFIX: &str = "whsk_";
+/// Prefix of Standard Webhooks ed25519 public keys (base64 of the 32-byte key).
+pub const PUBLIC_KEY_PREFIX: &str = "whpk_";
+/// How long the key of the old algorithm keeps signing after UpdateWebhook
+/// changes a webhook's signature algorithm: 24 hours.
+pub const MIGRATION_GRACE_MS: i64 = 24 * 3600 * 1000;
 
 /// A registered listener.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,7 +78,60 @@ pub enum Auth {
         password: String,
     },
     /// Standard Webhooks signature with the webhook's secret.
-    Signature,
+    Signature {
+        /// Which scheme. Absent in records written before ed25519 existed
+        /// (`{"kind":"signature"}`), and not written for HMAC-SHA256, so those
+        /// records read as they always did.
+        #[serde(default, skip_serializing_if = "SignatureAlgorithm::is_hmac")]
+        algorithm: SignatureAlgorithm,
+    },
+}
+
+/// The Standard Webhooks signature schemes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignatureAlgorithm {
+    /// `v1`: HMAC-SHA256 with a `whsec_` secret.
+    #[default]
+    HmacSha256,
+    /// `v1a`: ed25519 with a `whsk_` private key; listeners get the `whpk_` public key.
+    Ed25519,
+}
+
+impl SignatureAlgorithm {
+    /// Whether this is HMAC-SHA256.
+    pub fn is_hmac(&self) -> bool {
+        *self == SignatureAlgorithm::HmacSha256
+    }
+
+    /// The scheme a stored secret signs with, by its prefix.
+    pub fn of_secret(secret: &str) -> SignatureAlgorithm {
+        if secret.starts_with(PRIVATE_KEY_PREFIX) {
+            SignatureAlgorithm::Ed25519
+        } else {
+            SignatureAlgorithm::HmacSha256
+        }
+    }
+}
+
+impl Auth {
+    /// HMAC-SHA256 signature auth.
+    pub const HMAC: Auth = Auth::Signature {
+        algorithm: SignatureAlgorithm::HmacSha256,
+    };
+
+    /// The signature scheme, for signature auth.
+    pub fn signature_algorithm(&self) -> Option<SignatureAlgorithm> {
+        match self {
+            Auth::Signature { algorithm } => Some(*algorithm),
+            _ => None,
+        }
+    }
+
+    /// Whether requests are signed.
+    pub fn is_signature(&self) -> bool {
+        self.signature_algorithm().is_some()
+    }
 }
 
 impl Webhook {
@@ -207,31 +267,56 @@ pub fn truncate(s: &str, max: usize) -> String {
 /// grace period, the previous one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretRecord {
-    /// `whsec_…`, the secret in use.
+    /// The secret in use: `whsec_…` (HMAC-SHA256) or `whsk_…` (ed25519
+    /// private key); its prefix decides how it signs.
     pub current: String,
     /// When `current` was created, ms.
     pub create_time_ms: i64,
-    /// The secret before the last rotation, still signed with until `previous_expire_ms`.
+    /// The secret before the last rotation or change of algorithm, still
+    /// signed with until `previous_expire_ms`; it may be of the other algorithm.
     pub previous: Option<String>,
     /// End of the grace period, ms.
     pub previous_expire_ms: i64,
 }
 
 impl SecretRecord {
-    /// A fresh secret: `whsec_` + base64 of 32 random bytes.
+    /// A fresh HMAC-SHA256 secret: `whsec_` + base64 of 32 random bytes.
     pub fn generate(now_ms: i64) -> SecretRecord {
+        SecretRecord::generate_for(SignatureAlgorithm::HmacSha256, now_ms)
+    }
+
+    /// A fresh secret of `algorithm`: `whsec_` or `whsk_` + base64 of 32
+    /// random bytes (the HMAC key, or the ed25519 seed).
+    pub fn generate_for(algorithm: SignatureAlgorithm, now_ms: i64) -> SecretRecord {
         SecretRecord {
-            current: new_secret(),
+            current: new_secret(algorithm),
             create_time_ms: now_ms,
             previous: None,
             previous_expire_ms: 0,
         }
     }
 
-    /// Replaces the secret; the old one stays in use for `grace_ms`.
+    /// The algorithm the current secret signs with.
+    pub fn algorithm(&self) -> SignatureAlgorithm {
+        SignatureAlgorithm::of_secret(&self.current)
+    }
+
+    /// Replaces the secret by one of the same algorithm; the old one stays
+    /// in use for `grace_ms`.
     pub fn rotate(&self, now_ms: i64, grace_ms: i64) -> SecretRecord {
+        self.rotate_to(self.algorithm(), now_ms, grace_ms)
+    }
+
+    /// Replaces the secret by one of `algorithm` (a rotation, or a change of
+    /// algorithm); the old one stays in use for `grace_ms`.
+    pub fn rotate_to(
+        &self,
+        algorithm: SignatureAlgorithm,
+        now_ms: i64,
+        grace_ms: i64,
+    ) -> SecretRecord {
         SecretRecord {
-            current: new_secret(),
+            current: new_secret(algorithm),
             create_time_ms: now_ms,
             previous: (grace_ms > 0).then(|| self.current.clone()),
             previous_expire_ms: if grace_ms > 0 { now_ms + grace_ms } else { 0 },
@@ -250,13 +335,39 @@ impl SecretRecord {
     }
 }
 
-fn new_secret() -> String {
+fn new_secret(algorithm: SignatureAlgorithm) -> String {
     let mut key = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut key);
+    let prefix = match algorithm {
+        SignatureAlgorithm::HmacSha256 => SECRET_PREFIX,
+        SignatureAlgorithm::Ed25519 => PRIVATE_KEY_PREFIX,
+    };
     format!(
-        "{SECRET_PREFIX}{}",
+        "{prefix}{}",
         base64::engine::general_purpose::STANDARD.encode(key)
     )
+}
+
+/// The secret record to store when a webhook's auth goes from `before` to
+/// `after`, given the stored one; `None` keeps what is stored. A webhook that
+/// signed with the other algorithm migrates: a key of the new algorithm is
+/// generated and the old key keeps signing for [`MIGRATION_GRACE_MS`].
+pub fn secret_after_auth_change(
+    before: &Auth,
+    after: &Auth,
+    stored: Option<&SecretRecord>,
+    now_ms: i64,
+) -> Option<SecretRecord> {
+    let algorithm = after.signature_algorithm()?;
+    match stored {
+        None => Some(SecretRecord::generate_for(algorithm, now_ms)),
+        Some(s) if s.algorithm() == algorithm => None,
+        Some(s) if before.is_signature() => {
+            Some(s.rotate_to(algorithm, now_ms, MIGRATION_GRACE_MS))
+        }
+        // Left over from before the webhook stopped signing: nothing to migrate.
+        Some(_) => Some(SecretRecord::generate_for(algorithm, now_ms)),
+    }
 }
 
 #[cfg(test)]
@@ -270,7 +381,7 @@ mod tests {
             name: "crm".into(),
             description: String::new(),
             target_url: "https://example.com/hook".into(),
-            auth: Auth::Signature,
+            auth: Auth::HMAC,
             event_types: vec!["COURSE_ENROLLMENT".into(), "COURSE_ENROLLMENT".into()],
             active: true,
             create_time_ms: 0,
@@ -367,5 +478,86 @@ mod tests {
         );
         assert_eq!(r.active_secrets(1500), vec![r.current.as_str()]);
         assert_eq!(s.rotate(1000, 0).previous, None);
+    }
+
+    #[test]
+    fn old_signature_records_read_as_hmac() {
+        let auth: Auth = serde_json::from_str(r#"{"kind":"signature"}"#).unwrap();
+        assert_eq!(auth, Auth::HMAC);
+        // HMAC is written as before, so older routers read it too.
+        assert_eq!(
+            serde_json::to_string(&Auth::HMAC).unwrap(),
+            r#"{"kind":"signature"}"#
+        );
+        let ed = Auth::Signature {
+            algorithm: SignatureAlgorithm::Ed25519,
+        };
+        let json = serde_json::to_string(&ed).unwrap();
+        assert_eq!(json, r#"{"kind":"signature","algorithm":"ed25519"}"#);
+        assert_eq!(serde_json::from_str::<Auth>(&json).unwrap(), ed);
+        // A whole stored webhook of the old form.
+        let mut w = serde_json::to_value(sample()).unwrap();
+        w["auth"] = serde_json::json!({"kind": "signature"});
+        let w: Webhook = serde_json::from_value(w).unwrap();
+        assert_eq!(
+            w.auth.signature_algorithm(),
+            Some(SignatureAlgorithm::HmacSha256)
+        );
+    }
+
+    #[test]
+    fn ed25519_secrets_are_seeds() {
+        let s = SecretRecord::generate_for(SignatureAlgorithm::Ed25519, 0);
+        assert!(s.current.starts_with(PRIVATE_KEY_PREFIX));
+        assert_eq!(s.algorithm(), SignatureAlgorithm::Ed25519);
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(&s.current[PRIVATE_KEY_PREFIX.len()..])
+            .unwrap();
+        assert_eq!(decoded.len(), 32);
+        let r = s.rotate(10, 5);
+        assert_eq!(r.algorithm(), SignatureAlgorithm::Ed25519);
+        assert_eq!(
+            r.active_secrets(12),
+            vec![r.current.as_str(), s.current.as_str()]
+        );
+    }
+
+    #[test]
+    fn changing_algorithm_migrates_with_a_day_of_grace() {
+        let ed = Auth::Signature {
+            algorithm: SignatureAlgorithm::Ed25519,
+        };
+        let hmac = SecretRecord::generate(0);
+        let m = secret_after_auth_change(&Auth::HMAC, &ed, Some(&hmac), 1_000).unwrap();
+        assert_eq!(m.algorithm(), SignatureAlgorithm::Ed25519);
+        assert_eq!(m.previous.as_deref(), Some(hmac.current.as_str()));
+        assert_eq!(m.previous_expire_ms, 1_000 + MIGRATION_GRACE_MS);
+        assert_eq!(
+            m.active_secrets(1_000 + MIGRATION_GRACE_MS - 1),
+            vec![m.current.as_str(), hmac.current.as_str()]
+        );
+        assert_eq!(
+            m.active_secrets(1_000 + MIGRATION_GRACE_MS),
+            vec![m.current.as_str()]
+        );
+        // And back.
+        let b = secret_after_auth_change(&ed, &Auth::HMAC, Some(&m), 2_000).unwrap();
+        assert_eq!(b.algorithm(), SignatureAlgorithm::HmacSha256);
+        assert_eq!(b.previous.as_deref(), Some(m.current.as_str()));
+        // Same algorithm: the stored secret stays.
+        assert_eq!(secret_after_auth_change(&ed, &ed, Some(&m), 3_000), None);
+        // Not signing: nothing stored.
+        assert_eq!(
+            secret_after_auth_change(&ed, &Auth::None, Some(&m), 3_000),
+            None
+        );
+        // A leftover secret of a webhook that did not sign: a fresh key, no grace.
+        let f = secret_after_auth_change(&Auth::None, &ed, Some(&hmac), 3_000).unwrap();
+        assert_eq!(
+            (f.algorithm(), f.previous.clone()),
+            (SignatureAlgorithm::Ed25519, None)
+        );
+        let n = secret_after_auth_change(&Auth::None, &ed, None, 3_000).unwrap();
+        assert_eq!(n.algorithm(), SignatureAlgorithm::Ed25519);
     }
 }

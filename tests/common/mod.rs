@@ -189,7 +189,9 @@ pub fn no_auth() -> webhook_auth::Method {
 }
 
 pub fn signature_auth() -> webhook_auth::Method {
-    webhook_auth::Method::Signature(SignatureAuth {})
+    webhook_auth::Method::Signature(SignatureAuth {
+        algorithm: SignatureAlgorithm::HmacSha256 as i32,
+    })
 }
 
 pub async fn create(admin: &mut Admin, account_id: u64, w: Webhook) -> Webhook {

@@ -126,7 +126,7 @@ pub(super) fn webhook(account_id: u64) -> Webhook {
         name: "crm".into(),
         description: String::new(),
         target_url: "https://example.com/hook".into(),
-        auth: Auth::Signature,
+        auth: Auth::HMAC,
         event_types: vec!["COURSE_ENROLLMENT".into()],
         active: true,
         create_time_ms: 1,

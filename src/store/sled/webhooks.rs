@@ -364,3 +364,26 @@ pub(super) fn check_secret_key(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::webhook::SignatureAlgorithm;
+
+    /// A record in the middle of a migration (`whsk_` current, `whsec_`
+    /// previous) is sealed whole: neither key's base64 is in the stored bytes.
+    #[test]
+    fn ed25519_private_keys_are_sealed_like_hmac_secrets() {
+        let c = SecretCipher::new(&[3u8; 32]);
+        let s = SecretRecord::generate(1).rotate_to(SignatureAlgorithm::Ed25519, 2, 1000);
+        assert!(s.current.starts_with("whsk_"));
+        let stored = seal_secret(Some(&c), "wh_1", &s).unwrap();
+        let text = String::from_utf8(stored.clone()).unwrap();
+        for secret in [&s.current, s.previous.as_ref().unwrap()] {
+            let body = secret.split_once('_').unwrap().1;
+            assert!(!text.contains(&body[..16]), "{text}");
+        }
+        assert_eq!(open_secret(Some(&c), "wh_1", &stored).unwrap(), s);
+        assert!(open_secret(Some(&c), "wh_2", &stored).is_err());
+    }
+}
