@@ -190,7 +190,7 @@ async fn a_window_is_recovered_once_even_when_cancelled_half_way() {
     // not race this one (racing would be safe too, but not measurable).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let second = recover_all(&mut admin, recover_request(&w.id, since, until)).await;
-    let last = second.last().unwrap().clone();
+    let last = *second.last().unwrap();
     assert!(last.done, "{second:?}");
     assert_eq!(last.examined_count, 60, "only the window: {last:?}");
     assert_eq!(last.requeued_count + last.skipped_count, 60, "{last:?}");

@@ -236,7 +236,7 @@ async fn walk(
             _ => done = true,
         }
         totals.done = done;
-        if tx.send(Ok(totals.clone())).await.is_err() {
+        if tx.send(Ok(totals)).await.is_err() {
             return Ok(Walk::Cancelled(totals));
         }
         if done {

@@ -139,13 +139,14 @@ pub async fn sync_internal_webhook(store: &Store, config: &Config) -> Result<()>
                       managed from the config"
             .into(),
         target_url: url,
-        auth: Auth::Signature,
+        auth: Auth::HMAC,
         event_types: op::TYPES.iter().map(|(n, _)| n.to_string()).collect(),
         active: true,
         create_time_ms: now,
         update_time_ms: now,
         disabled_reason: String::new(),
         max_in_flight: 0,
+        filter: None,
     };
     let secret = SecretRecord {
         current: o.secret.clone(),
@@ -251,7 +252,7 @@ fn describe(w: &Webhook) -> Vec<(&'static str, Value)> {
     let auth = match w.auth {
         Auth::None => "none",
         Auth::Basic { .. } => "basic",
-        Auth::Signature => "signature",
+        Auth::Signature { .. } => "signature",
     };
     vec![
         ("name", Value::from(w.name.as_str())),

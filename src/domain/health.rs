@@ -254,6 +254,7 @@ mod tests {
             update_time_ms: 0,
             disabled_reason: String::new(),
             max_in_flight: 0,
+            filter: None,
         }
     }
 
