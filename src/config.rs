@@ -1104,7 +1104,8 @@ impl Config {
     /// and any other value whose key names a secret (see [`is_secret_key`])
     /// as the mask, so sections added later are masked without a change
     /// here. Keys that are not set (an empty `storage.secret_key`, TLS
-    /// paths, `storage.postgres_url`) are left out, named in a comment.
+    /// paths, `storage.postgres_url`, the `[operational]` keys) are left
+    /// out, named in a comment.
     /// A set `storage.secret_key` is left out too, commented: no mask
     /// would load as a key.
     pub fn to_masked_toml(&self) -> String {
@@ -1125,6 +1126,8 @@ impl Config {
             ("storage", "postgres_url"),
             ("tls", "cert_path"),
             ("tls", "key_path"),
+            ("operational", "target_url"),
+            ("operational", "secret"),
         ] {
             let Some(table) = value.get_mut(section).and_then(|s| s.as_table_mut()) else {
                 continue;
